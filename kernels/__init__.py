@@ -1,0 +1,1 @@
+"""Triton kernels of msidtrans_fast (installed as ``msidtrans_fast.kernels``)."""

@@ -1,0 +1,344 @@
+"""The building blocks of MSI-DTrans (see SPEC.md, "Blocks").
+
+Attribute names and registration order reproduce the original's ``state_dict`` exactly (including
+its spellings, e.g. ``Multi_scale_Token_Embeding``), so that its checkpoints load with
+``strict=True``. Forward passes do not call the ``nn.Sequential`` containers directly: they go
+through :func:`conv_bn`, which folds BatchNorm into the preceding convolution in eval mode.
+
+Every module takes and returns NCHW tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends, reference
+
+Permutation = Sequence[int]
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(conv(x))``; in eval mode as one convolution with BatchNorm folded into its weights."""
+    if bn.training:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    shift = bn.bias - bn.running_mean * scale
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_bn_mish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    return F.mish(conv_bn(x, conv, bn))
+
+
+def conv_bn_mish_block(cin: int, cout: int, kernel: int = 3, bias: bool = True) -> nn.Sequential:
+    """``Sequential(conv, BN, Mish)`` with "same" padding: indices 0 and 1 hold the weights."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias),
+                         nn.BatchNorm2d(cout), nn.Mish())
+
+
+class HaarSplit(nn.Module):
+    """Haar wavelet split, ``(b, C, H, W) -> (low (b, C, H', W'), high (b, 3C, H', W'))``.
+
+    ``H' = ceil(H/2)``. Differentiable; with ``detach=True`` it cuts the graph as the original's
+    numpy round trip did (nothing upstream of it then learns). ``backend`` is set by the model.
+    """
+
+    def __init__(self, detach: bool = False):
+        super().__init__()
+        self.detach = detach
+        self.backend = backends.REFERENCE
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.detach:
+            x = x.detach()
+        return reference.haar_split(x)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over channels per pixel; parameters ``g``, ``b`` of shape (1, C, 1, 1)."""
+
+    def __init__(self, dim: int, eps: float = reference.NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+        self.b = nn.Parameter(torch.zeros(1, dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.channel_layer_norm(x, self.g, self.b, self.eps)
+
+
+class _WaveletHighLayer(nn.Module):
+    """Shared tail of the three encoders: Haar split, then ``Mish(BN(conv1x1(3C->C)))`` on high."""
+
+    def _init_high_layer(self, dim: int, detach_wavelet: bool) -> None:
+        self.high_layer = conv_bn_mish_block(3 * dim, dim, kernel=1)
+        self.wavelet = HaarSplit(detach_wavelet)
+
+    def _split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = self.wavelet(t)
+        return low, conv_bn_mish(high, self.high_layer[0], self.high_layer[1])
+
+
+class MSSEAttention(nn.Module):
+    """Channel attention: ``x * sigmoid(fc(mean_hw(Mish(BN(conv1x1(x))))))``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 1)
+        self.bn = nn.BatchNorm2d(dim)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = conv_bn_mish(x, self.conv, self.bn)
+        gate = torch.sigmoid(self.fc(y.mean(dim=(2, 3))))
+        return x * gate[:, :, None, None]
+
+
+class ParallelBlock(nn.Module):
+    """``cat([Mish(conv3x3(x)), Mish(conv5x5(x)), Mish(conv7x7(x))])``: C -> 3C channels."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.branch1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.branch2 = nn.Conv2d(dim, dim, 5, padding=2)
+        self.branch3 = nn.Conv2d(dim, dim, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.mish(self.branch1(x)), F.mish(self.branch2(x)),
+                          F.mish(self.branch3(x))], dim=1)
+
+
+class MSSEModule(_WaveletHighLayer):
+    """The first encoder (the original's ``MSSE_Module``), shared by both sources.
+
+    (b, cin, H, W) -> ``(low, high, pre_attention)``: low and high are (b, dim, H1, W1);
+    ``pre_attention`` (b, dim, H, W) is the original's unused third output.
+    """
+
+    def __init__(self, cin: int, dim: int, detach_wavelet: bool = False):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Mish(),
+            nn.Conv2d(16, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.Mish())
+        self.attention = MSSEAttention(dim)
+        self.residual = nn.Conv2d(cin, dim, 1)
+        self.parallel = ParallelBlock(dim)
+        self.skip_connection = nn.Conv2d(cin, 3 * dim, 1)
+        self.channel_splitter = nn.Conv2d(3 * dim, dim, 1)
+        self._init_high_layer(dim, detach_wavelet)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = conv_bn_mish(x, self.conv[0], self.conv[1])
+        pre_attention = conv_bn_mish(t, self.conv[3], self.conv[4])
+        t = self.attention(pre_attention) + self.residual(x)
+        t = self.parallel(t) + self.skip_connection(x)
+        low, high = self._split(self.channel_splitter(t))
+        return low, high, pre_attention
+
+
+class FSEModule(_WaveletHighLayer):
+    """Low-frequency encoder (``FSE_Module``): (b, C, H, W) -> low, high (b, C, H/2, W/2)."""
+
+    def __init__(self, dim: int, detach_wavelet: bool = False):
+        super().__init__()
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(dim, 2 * dim, 3, padding=1), nn.BatchNorm2d(2 * dim), nn.Mish(),
+            nn.Conv2d(2 * dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.Mish())
+        self._init_high_layer(dim, detach_wavelet)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = conv_bn_mish(x, self.bottleneck[0], self.bottleneck[1])
+        t = x + conv_bn_mish(t, self.bottleneck[3], self.bottleneck[4])
+        return self._split(t)
+
+
+class RSEModule(_WaveletHighLayer):
+    """High-frequency encoder (``RSE_Module``): (b, C, H, W) -> low, high (b, C, H/2, W/2).
+
+    ``sub2`` exists only so the original's checkpoints load: the original never calls it.
+    """
+
+    def __init__(self, dim: int, detach_wavelet: bool = False):
+        super().__init__()
+        self.path1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.path2 = nn.Conv2d(dim, dim, 1)
+        self.path3 = nn.Conv2d(dim, dim, 1, dilation=2)
+        self.sub1 = conv_bn_mish_block(dim, dim)
+        self.sub2 = conv_bn_mish_block(dim, dim)
+        self.layer = nn.Sequential(
+            nn.Conv2d(4 * dim, 2 * dim, 3, padding=1), nn.BatchNorm2d(2 * dim), nn.Mish(),
+            nn.Conv2d(2 * dim, dim, 1), nn.BatchNorm2d(dim), nn.Mish())
+        self._init_high_layer(dim, detach_wavelet)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p1, p2, p3 = self.path1(x), self.path2(x), self.path3(x)
+        # sub1 is applied to both differences, as in the original.
+        s1 = conv_bn_mish(p1 - p2, self.sub1[0], self.sub1[1])
+        s2 = conv_bn_mish(p3 - p2, self.sub1[0], self.sub1[1])
+        t = conv_bn_mish(torch.cat([p1, s1, p3, s2], dim=1), self.layer[0], self.layer[1])
+        t = x + conv_bn_mish(t, self.layer[3], self.layer[4])
+        return self._split(t)
+
+
+class Downsample(nn.Module):
+    """``cLN(conv(k, cin->cout, stride, padding, no bias)(x))``."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int):
+        super().__init__()
+        self.down_conv = nn.Sequential(
+            nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
+            ChannelLayerNorm(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_conv(x)
+
+
+class Conv3x3Block(nn.Module):
+    """``Mish(BN(conv3x3(cin->cout, no bias)))``, the skip connections' block."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv3x3 = conv_bn_mish_block(cin, cout, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_bn_mish(x, self.conv3x3[0], self.conv3x3[1])
+
+
+class Upsample(nn.Module):
+    """Bilinear resize to (h, w) (``align_corners=False``), then a :class:`Conv3x3Block`."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv3x3 = Conv3x3Block(cin, cout)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        return self.conv3x3(x)
+
+
+class TokenEmbedding(nn.Module):
+    """One scale's embedding: ``conv1x1(dim->out, nb)(BN(dwconv3x3(dilation, stride, nb)(x)))``."""
+
+    def __init__(self, dim: int, out_dim: int, dilation: int, stride: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, stride=stride, padding=dilation, dilation=dilation,
+                      groups=dim, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.Conv2d(dim, out_dim, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](conv_bn(x, self.net[0], self.net[1]))
+
+
+class MultiScaleAttention(nn.Module):
+    """The dynamic multi-scale self-attention (the original's ``Attention``).
+
+    Input (b, dim, H, W), already channel-normalised; output (b, dim, H, W). Scale i embeds
+    queries with dilation ``SCALES[i]`` at stride 1 and keys/values at stride ``kv_stride``
+    (``Hk = (H - 1) // kv_stride + 1``).
+    """
+
+    def __init__(self, dim: int, dim_head: int, kv_stride: int, dropout: float = 0.0):
+        super().__init__()
+        self.dim_head = dim_head
+        self.kv_stride = kv_stride
+        self.Multi_scale_Token_Embeding = nn.ModuleList([
+            nn.ModuleList([TokenEmbedding(dim, dim_head, s, 1),
+                           TokenEmbedding(dim, 2 * dim_head, s, kv_stride)])
+            for s in reference.SCALES])
+        self.to_out = nn.Sequential(nn.Conv2d(len(reference.SCALES) * dim_head, dim, 1),
+                                    nn.Dropout(dropout))
+
+    def embed(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                               list[torch.Tensor]]:
+        """Returns q (three (b, H*W, d)), k and v (three (b, Hk*Wk, d) each), token-major."""
+        qs, ks, vs = [], [], []
+        for q_embed, kv_embed in self.Multi_scale_Token_Embeding:
+            qs.append(q_embed(x).flatten(2).transpose(1, 2))
+            kv = kv_embed(x).flatten(2).transpose(1, 2)
+            ks.append(kv[..., :self.dim_head])
+            vs.append(kv[..., self.dim_head:])
+        return qs, ks, vs
+
+    def forward(self, x: torch.Tensor, perm: Permutation) -> torch.Tensor:
+        qs, ks, vs = self.embed(x)
+        out = reference.multi_scale_attention(qs, ks, vs, perm, x.shape[-2:])
+        return self.to_out(out)
+
+
+class PreNorm(nn.Module):
+    """``fn(cLN(x))``."""
+
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = ChannelLayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+#: backend name -> ``impl(block: AttentionPreNorm, x, perm) -> fn(cLN(x), perm)``.
+ATTENTION_IMPLS: dict = {}
+
+
+class AttentionPreNorm(PreNorm):
+    """``attention(cLN(x), perm)``, the unit a fused backend replaces as a whole.
+
+    A backend registered in :data:`ATTENTION_IMPLS` receives this block (for its weights) and the
+    un-normalised input; ``backend`` is set by the model.
+    """
+
+    def __init__(self, dim: int, attention: MultiScaleAttention):
+        super().__init__(dim, attention)
+        self.backend = backends.REFERENCE
+
+    def forward(self, x: torch.Tensor, perm: Permutation) -> torch.Tensor:
+        impl = ATTENTION_IMPLS.get(self.backend)
+        if impl is None:
+            return self.fn(self.norm(x), perm)
+        return impl(self, x, perm)
+
+
+class FeedForward(nn.Module):
+    """conv1x1(dim->dim*mult), GELU (erf), dropout, conv1x1(dim*mult->dim), dropout."""
+
+    def __init__(self, dim: int, mult: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(dim, dim * mult, 1), nn.GELU(), nn.Dropout(dropout),
+            nn.Conv2d(dim * mult, dim, 1), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Transformer(nn.Module):
+    """``depth`` times: ``x = Attention(cLN(x), perm) + x; x = FF(cLN(x)) + x``.
+
+    ``forward(x, perms)`` takes one permutation per layer.
+    """
+
+    def __init__(self, dim: int, dim_head: int, depth: int, mlp_mult: int, kv_stride: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.layers = nn.ModuleList([
+            nn.ModuleList([
+                AttentionPreNorm(dim, MultiScaleAttention(dim, dim_head, kv_stride, dropout)),
+                PreNorm(dim, FeedForward(dim, mlp_mult, dropout))])
+            for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor, perms: Sequence[Permutation]) -> torch.Tensor:
+        if len(perms) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} permutations, got {len(perms)}")
+        for (attention, feed_forward), perm in zip(self.layers, perms):
+            x = attention(x, perm) + x
+            x = feed_forward(x) + x
+        return x
