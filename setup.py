@@ -41,5 +41,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "PyWavelets", "scikit-image"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "msidtrans-fuse = msidtrans_fast.cli:main",
+        "msidtrans-train = msidtrans_fast.training:main",
+        "msidtrans-eval = msidtrans_fast.evaluate:main",
+    ]},
 )
