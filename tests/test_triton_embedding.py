@@ -1,0 +1,163 @@
+"""Fused token embedding (``msidtrans_fast.embedding``) against the reference modules.
+
+Kernels run in Triton's interpreter without CUDA (see conftest.py); shapes are small and odd.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_cuda
+from tolerances import (FP32_FWD_REL, FP32_GRAD_REL, GRADCHECK, LOWP_FACTOR, LOWP_FLOOR,
+                        rel_err)
+
+from msidtrans_fast import reference
+from msidtrans_fast.modules import ChannelLayerNorm, MultiScaleAttention
+
+triton = pytest.importorskip("triton")
+from msidtrans_fast.embedding import ln_dwconv, token_embedding  # noqa: E402
+
+
+def _ln_dwconv_reference(x, g, b, weight, stride):
+    xn = reference.channel_layer_norm(x, g.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
+    c = x.shape[1]
+    ys = [F.conv2d(xn, weight[i].unsqueeze(1), None, stride, d, d, c).flatten(2)
+          for i, d in enumerate(reference.SCALES)]
+    return torch.stack(ys, 1)
+
+
+def _params(c, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = 1 + 0.1 * torch.randn(c, generator=gen, dtype=torch.float64)
+    b = 0.1 * torch.randn(c, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, c, 3, 3, generator=gen, dtype=torch.float64) / 3
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (g, b, w)]
+
+
+# (batch, channels, H, W, stride): fewer pixels than a block; odd sizes; kv stride 2.
+CASES = [(2, 48, 5, 7, 1), (1, 32, 13, 11, 2), (2, 64, 6, 9, 1), (2, 32, 3, 4, 2)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-c{}-{}x{}-s{}".format(*c))
+def test_ln_dwconv_matches_reference(case):
+    n, c, h, w, s = case
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=gen).mul_(2).add_(0.5).requires_grad_()
+    g, b, wt = _params(c)
+    y = ln_dwconv(x, g, b, wt, s)
+    ref = _ln_dwconv_reference(x, g, b, wt, s)
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert rel_err(y, ref) <= FP32_FWD_REL
+    grad = torch.randn(ref.shape, generator=gen)
+    for name, a, r in zip(("x", "g", "b", "w"), torch.autograd.grad(y, (x, g, b, wt), grad),
+                          torch.autograd.grad(ref, (x, g, b, wt), grad)):
+        assert rel_err(a, r) <= FP32_GRAD_REL, name
+
+
+@pytest.mark.parametrize("c, h, w, s", [(48, 4, 5, 1), (32, 5, 3, 2)])
+def test_ln_dwconv_gradcheck_float64(c, h, w, s):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    g, b, wt = _params(c, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: ln_dwconv(*a, s), (x, g, b, wt),
+                                    fast_mode=True, **GRADCHECK)
+
+
+def test_ln_dwconv_non_contiguous_input():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 5, 32, generator=gen).permute(0, 3, 2, 1).requires_grad_()  # (2,32,5,7)
+    g, b, wt = _params(32)
+    y = ln_dwconv(x, g, b, wt, 2)
+    ref = _ln_dwconv_reference(x, g, b, wt, 2)
+    assert rel_err(y, ref) <= FP32_FWD_REL
+    grad = torch.randn(ref.shape, generator=gen)
+    assert rel_err(torch.autograd.grad(y, x, grad)[0],
+                   torch.autograd.grad(ref, x, grad)[0]) <= FP32_GRAD_REL
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda x, g, b, w: (x[0], g, b, w, 1), ValueError, "x must be"),
+    (lambda x, g, b, w: (x.int(), g, b, w, 1), TypeError, "dtype"),
+    (lambda x, g, b, w: (x, g[:-1], b, w, 1), ValueError, "elements"),
+    (lambda x, g, b, w: (x, g, b, w[:2], 1), ValueError, "weight"),
+    (lambda x, g, b, w: (x, g, b, w, 0), ValueError, "stride"),
+    (lambda x, g, b, w: (x.double(), g, b, w, 1), TypeError, "share a dtype"),
+])
+def test_ln_dwconv_bad_inputs(bad, exc, match):
+    x = torch.randn(1, 32, 3, 3)
+    g, b, w = (t.detach() for t in _params(32))
+    with pytest.raises(exc, match=match):
+        ln_dwconv(*bad(x, g, b, w))
+
+
+def _layer(dim, dim_head, kv_stride, seed=0):
+    torch.manual_seed(seed)
+    norm, attn = ChannelLayerNorm(dim), MultiScaleAttention(dim, dim_head, kv_stride)
+    with torch.no_grad():
+        norm.g.add_(0.1 * torch.randn_like(norm.g))
+        norm.b.add_(0.1 * torch.randn_like(norm.b))
+        for m in attn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return norm, attn
+
+
+def _reference_embedding(x, norm, attn):
+    qs, ks, vs = attn.embed(norm(x))
+    return tuple(torch.stack(t, 1).transpose(2, 3) for t in (qs, ks, vs))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dim, dim_head, kv_stride, h, w", [(48, 48, 1, 5, 6), (32, 32, 2, 7, 5)])
+def test_token_embedding_matches_modules(train, dim, dim_head, kv_stride, h, w):
+    """q, k, v, all parameter gradients and the BatchNorm running statistics."""
+    norm, attn = _layer(dim, dim_head, kv_stride)
+    norm_ref, attn_ref = copy.deepcopy(norm), copy.deepcopy(attn)
+    for m in (norm, attn, norm_ref, attn_ref):
+        m.train(train)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, dim, h, w, generator=gen, requires_grad=True)
+    ours = token_embedding(x, norm, attn)
+    theirs = _reference_embedding(x, norm_ref, attn_ref)
+    for name, a, r in zip("qkv", ours, theirs):
+        assert a.shape == r.shape, name
+        assert rel_err(a, r) <= FP32_FWD_REL, name
+    assert ours[0].is_contiguous()
+    grads = [torch.randn(r.shape, generator=gen) for r in theirs]
+    torch.autograd.backward(ours, grads)
+    torch.autograd.backward(theirs, grads)
+    for (name, p), p_ref in zip(list(norm.named_parameters()) + list(attn.named_parameters()),
+                                list(norm_ref.parameters()) + list(attn_ref.parameters())):
+        if p_ref.grad is None:
+            assert p.grad is None, name
+            continue
+        assert rel_err(p.grad, p_ref.grad) <= FP32_GRAD_REL, name
+    for (name, buf), buf_ref in zip(attn.named_buffers(), attn_ref.buffers()):
+        if buf.dtype == torch.long:
+            assert torch.equal(buf, buf_ref), name
+        else:
+            assert rel_err(buf, buf_ref) <= FP32_FWD_REL, name
+    if train:
+        assert all(int(m.num_batches_tracked) == 1 for m in attn.modules()
+                   if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_ln_dwconv_low_precision_gpu(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x32 = torch.randn(2, 64, 33, 35, generator=gen).cuda()
+    g, b, wt = (t.detach() for t in _params(64, device="cuda"))
+    ref = _ln_dwconv_reference(x32, g, b, wt, 1)
+    lowp = [t.to(dtype) for t in (x32, g, b, wt)]
+    torch_lowp = _ln_dwconv_reference(*lowp, 1)
+    ours = ln_dwconv(*lowp, 1)
+    bound = LOWP_FACTOR * (torch_lowp.float() - ref).abs().max().item() + LOWP_FLOOR[dtype]
+    assert (ours.float() - ref).abs().max().item() <= bound
