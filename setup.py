@@ -37,6 +37,10 @@ setup(
         "numpy",
         "ninja",
         "pybind11",
+        "pillow",  # image IO: 8-bit formats, 16-bit grayscale (msidtrans_fast/io.py)
+        "tifffile",  # image IO: TIFF, 16-bit RGB included
+        "pypng",  # image IO: 16-bit PNG (Pillow truncates 16-bit RGB)
+        "tqdm",  # progress bars of the command-line tools
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "PyWavelets", "scikit-image"],

@@ -1,0 +1,340 @@
+"""``msidtrans-fuse``: fuse multi-focus images from the command line.
+
+Three modes: sources given as arguments (a pair or a focus stack, one output file), ``--dataset``
+(a folder with ``sourceA/`` and ``sourceB/`` as in the original, one output per pair) and
+``--sample`` (the pair shipped with the package). Every input and output is checked before the
+network runs, so bad input never leaves partial output. Exit codes: 0 success, 1 the run failed
+(for example out of memory), 2 bad input or usage (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROG = "msidtrans-fuse"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+SAMPLE_SOURCES = (DATA_DIR / "sample_near.png", DATA_DIR / "sample_far.png")
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+EPILOG = """\
+examples:
+  msidtrans-fuse --sample -o out/                   fuse the bundled sample pair into out/
+  msidtrans-fuse A.jpg B.jpg -o fused.png           fuse a pair
+  msidtrans-fuse frame_*.tif -o fused.tif           fuse a focus stack (sorted as given)
+  msidtrans-fuse --dataset Lytro -o results/Lytro --save-decision-map
+                                                    Lytro/sourceA + Lytro/sourceB -> results/Lytro/
+                                                    Lytro-01.png, Lytro-01-dm.png, ...
+
+Sources may be 8- or 16-bit, grayscale or RGB (PNG, TIFF, JPEG, BMP, ...); the output keeps their
+bit depth and channels (16-bit output needs .png or .tif). Until trained weights are bundled the
+model is untrained and says so.
+"""
+
+
+class BadInput(Exception):
+    """Bad input or usage: reported as one line on stderr with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise BadInput(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Fuse photos of one scene focused at different depths into "
+                "one all-in-focus image with MSI-DTrans.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="two or more source images of one size (a pair, or a focus stack fused "
+                        "in the order given), e.g. A.jpg B.jpg")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="output image (.png, .tif, .jpg) for SOURCEs, e.g. -o fused.png; an output "
+                        "folder (created if missing) with --dataset and --sample")
+    p.add_argument("--dataset", metavar="ROOT",
+                   help="fuse every pair of ROOT/sourceA and ROOT/sourceB (matched by sorted file "
+                        "name, as the original Eval.py); outputs NAME-01.png, NAME-02.png, ... "
+                        "with NAME = ROOT's folder name, e.g. --dataset data/Lytro -o results/")
+    p.add_argument("--sample", action="store_true",
+                   help="fuse the sample pair shipped with the package (no download), e.g. "
+                        "--sample -o out/ writes out/sample-fused.png")
+    p.add_argument("--weights", metavar="FILE",
+                   help="checkpoint to use (a state_dict saved by the original or by "
+                        "msidtrans-train, or a dict with a 'model' entry), e.g. --weights "
+                        "model44.ckpt; default: the bundled weights")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N, "
+                        "e.g. --device cpu")
+    p.add_argument("--dtype", default="float32",
+                   help="compute precision: float32 (default), float16 or bfloat16; half "
+                        "precision needs about half the memory, e.g. --dtype float16")
+    p.add_argument("--threshold", default="0.001", metavar="FRACTION",
+                   help="consistency check: regions smaller than FRACTION of the image are merged "
+                        "into their surroundings (0 disables it; default 0.001 as the original), "
+                        "e.g. --threshold 0")
+    p.add_argument("--save-decision-map", action="store_true",
+                   help="also write the binary decision map (white where the first source was "
+                        "taken; for stacks, grey levels by source) as NAME-dm.png beside each "
+                        "output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: refuse and change nothing)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar and no closing line (warnings and errors still show)")
+    return p
+
+
+@dataclass
+class Job:
+    """One fusion: its sources, output and optional decision-map output."""
+
+    sources: list[Path]
+    output: Path
+    dm_output: Path | None = None
+    arrays: list = field(default_factory=list)  # decoded sources, kept when cheap
+
+
+def _list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise BadInput(f"dataset folder missing: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise BadInput(f"empty dataset folder (no images): {folder}")
+    return files
+
+
+def _dm_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}-dm.png")
+
+
+def plan_jobs(args) -> tuple[list[Job], Path | None]:
+    """The fusions to run and the output folder to create (or None)."""
+    modes = sum([bool(args.sources), args.dataset is not None, args.sample])
+    if modes != 1:
+        raise BadInput("give either SOURCE files, --dataset ROOT or --sample (exactly one)")
+    out = Path(args.output)
+    if args.sources:
+        if len(args.sources) < 2:
+            raise BadInput(f"need at least two source images, got one: {args.sources[0]}")
+        dm = _dm_path(out) if args.save_decision_map else None
+        return [Job([Path(s) for s in args.sources], out, dm)], None
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"output folder is a file: {out}")
+    if args.sample:
+        missing = [p for p in SAMPLE_SOURCES if not p.is_file()]
+        if missing:
+            raise BadInput(f"sample image missing from the installation: {missing[0]}")
+        return [Job(list(SAMPLE_SOURCES), out / "sample-fused.png",
+                    out / "sample-fused-dm.png" if args.save_decision_map else None)], out
+    root = Path(args.dataset)
+    if not root.is_dir():
+        raise BadInput(f"dataset folder not found: {root}")
+    list_a, list_b = _list_images(root / "sourceA"), _list_images(root / "sourceB")
+    if len(list_a) != len(list_b):
+        raise BadInput(f"mismatched dataset folder {root}: sourceA has {len(list_a)} files, "
+                       f"sourceB has {len(list_b)}")
+    name = root.resolve().name
+    jobs = []
+    for i, (a, b) in enumerate(zip(list_a, list_b, strict=True), start=1):
+        output = out / f"{name}-{i:02d}.png"
+        jobs.append(Job([a, b], output,
+                        out / f"{name}-{i:02d}-dm.png" if args.save_decision_map else None))
+    return jobs, out
+
+
+def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None) -> None:
+    """Reads every source (and checks sizes/depths) and checks every output, before any work."""
+    from . import io as mio
+    from .pipeline import _check_sources, as_source_array
+
+    seen: set[Path] = set()
+    for job in jobs:
+        for target in filter(None, (job.output, job.dm_output)):
+            if target in seen:
+                raise BadInput(f"two outputs would share the name {target}")
+            seen.add(target)
+            if out_dir is not None and not out_dir.exists():
+                continue  # a folder still to be created holds no file yet
+            try:
+                mio.check_writable(target, overwrite=overwrite)
+            except (OSError, ValueError) as e:
+                raise BadInput(str(e)) from None
+        names = [str(s) for s in job.sources]
+        arrays = [_read(s, as_source_array) for s in job.sources]
+        try:
+            _check_sources(arrays, names)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        if job.output.suffix.lower() in mio.JPEG_SUFFIXES and arrays[0].dtype != "uint8":
+            raise BadInput(f"JPEG holds 8-bit images only; these sources are 16-bit: write "
+                           f"{job.output.with_suffix('.png')} or .tif instead")
+        if len(jobs) == 1:
+            job.arrays = arrays
+
+
+def _read(path: Path, as_source_array):
+    try:
+        return as_source_array(path, str(path))
+    except FileNotFoundError:
+        raise BadInput(f"source not found: {path}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise BadInput(str(e)) from None
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text
+                                            or "can't allocate memory" in text)
+
+
+def _oom_advice(device, dtype, shape) -> str:
+    h, w = shape
+    tips = []
+    if str(dtype) == "torch.float32":
+        tips.append("a smaller --dtype (float16 or bfloat16)")
+    if device.type != "cpu":
+        tips.append("--device cpu (uses main memory)")
+    tips.append("smaller images")
+    return f"out of memory fusing {w}x{h} images on {device} in {str(dtype)[6:]}: try " + \
+        ", or ".join(tips)
+
+
+def _check_memory(device, dtype, shape, stderr) -> None:
+    """Refuses before running when a CUDA device clearly lacks the memory (warns on the CPU)."""
+    import torch
+
+    from .pipeline import estimate_memory
+
+    need = estimate_memory(*shape, dtype)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > free:
+            raise MemoryError(f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+    elif device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+            free = info["MemAvailable"]
+        except (OSError, KeyError, ValueError, IndexError):
+            return
+        if need > free:
+            print(f"{PROG}: warning: {shape[1]}x{shape[0]} images may need about "
+                  f"{need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB available", file=stderr)
+
+
+def run(args, stdout, stderr) -> int:
+    """Runs the command for parsed ``args``; raises BadInput for bad input."""
+    from . import weights as mw
+
+    try:
+        device = mw.resolve_device(args.device)
+        dtype = mw.resolve_dtype(args.dtype)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    try:
+        threshold = float(args.threshold)
+    except ValueError:
+        raise BadInput(f"--threshold must be a number, got {args.threshold!r}") from None
+    if not 0 <= threshold < 1:
+        raise BadInput(f"--threshold must be in [0, 1), got {args.threshold}")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise BadInput(f"weights file not found: {args.weights}")
+
+    jobs, out_dir = plan_jobs(args)
+    check_jobs(jobs, args.overwrite, out_dir)
+
+    from .pipeline import get_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = get_model(args.weights, device, dtype)
+        except (OSError, ValueError) as e:
+            raise BadInput(str(e)) from None
+    for w in caught:
+        print(f"{PROG}: warning: {w.message}", file=stderr)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code = _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, stderr)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"{PROG}: warning: {message}", file=stderr)
+    return code
+
+
+def _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, stderr) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import io as mio
+    from .pipeline import decision_map_image, fuse_with_progress
+
+    start = time.perf_counter()
+    stack = len(jobs) == 1 and len(jobs[0].sources) > 2
+    bar = tqdm(total=len(jobs[0].sources) - 1 if stack else len(jobs), unit="pair" if stack else
+               "image", disable=args.quiet or (len(jobs) == 1 and not stack), file=stderr,
+               dynamic_ncols=True)
+    job = jobs[0]
+    try:
+        for job in jobs:
+            arrays = job.arrays or [mio.read_image(s) for s in job.sources]
+            _check_memory(device, dtype, arrays[0].shape[:2], stderr)
+            fused, dm = fuse_with_progress(arrays, model=model, threshold=threshold,
+                                           return_decision_map=True,
+                                           progress=bar.update if stack else None)
+            mio.write_image(job.output, fused, overwrite=args.overwrite)
+            if job.dm_output is not None:
+                mio.write_image(job.dm_output, decision_map_image(dm, len(arrays)),
+                                overwrite=args.overwrite)
+            if not stack:
+                bar.update()
+    except Exception as e:
+        bar.close()
+        if _is_oom(e):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"{PROG}: error: {_oom_advice(device, dtype, arrays[0].shape[:2])} "
+                  f"({job.sources[0]})", file=stderr)
+            return EXIT_FAILED
+        if isinstance(e, RuntimeError):
+            print(f"{PROG}: error: fusing {job.sources[0]} failed on {device} in "
+                  f"{str(dtype)[6:]}: {str(e).splitlines()[0]}", file=stderr)
+            return EXIT_FAILED
+        raise
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if not args.quiet:
+        if stack:
+            what = f"fused a stack of {len(jobs[0].sources)} images into {jobs[0].output}"
+        elif out_dir is not None:
+            what = f"fused {len(jobs)} pair{'s' if len(jobs) > 1 else ''} into {out_dir}"
+        else:
+            what = f"fused 1 pair into {jobs[0].output}"
+        print(f"{what} in {elapsed:.1f} s on {device} ({str(dtype)[6:]})", file=stdout)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``msidtrans-fuse``; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args, sys.stdout, sys.stderr)
+    except BadInput as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

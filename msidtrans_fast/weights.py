@@ -1,0 +1,161 @@
+"""Model weights: the bundled checkpoint, checkpoint files, devices and dtypes.
+
+The bundled weights live in ``msidtrans_fast/data/msidtrans_weights.pt``: an fp16 state_dict of
+:class:`~msidtrans_fast.model.MSIDTrans` (at most 8 MB). While the package ships none,
+:func:`load_model` returns an untrained network (seeded, so results are reproducible) and warns
+with :class:`UntrainedWeightsWarning`: its fusions are not meaningful.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .model import MSIDTrans
+
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "data" / "msidtrans_weights.pt"
+#: Seed of the untrained network used when no weights are bundled.
+UNTRAINED_SEED = 0
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+#: dtype names accepted by :func:`resolve_dtype` and the command line.
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+UNTRAINED_MESSAGE = ("no trained weights are bundled with this version of msidtrans_fast: the "
+                     "model is UNTRAINED (random weights), so its fused images and decision maps "
+                     "are NOT meaningful; pass trained weights with --weights / weights=")
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """Raised as a warning when the model runs with untrained (random) weights."""
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``None`` or ``"auto"`` picks CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: an unknown device name, or a device this machine does not have.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available here "
+                             f"(use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r} requested but MPS is not available here")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """The compute dtype: None means float32; names as in :data:`DTYPE_NAMES` or fp32/fp16/bf16.
+
+    Raises:
+        ValueError: an unknown or non-floating dtype.
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported dtype {dtype} (use one of {', '.join(DTYPE_NAMES)})")
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPE_NAMES)})")
+    return _DTYPES[name]
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a checkpoint: a plain state_dict (as the original saves it) or a dict with a
+    ``"model"`` entry holding one. Tensors stay on the CPU in their stored dtype.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable PyTorch checkpoint or holds no state_dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
+        raise ValueError(f"cannot read weights file {path}: not a PyTorch checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ValueError(f"weights file {path} holds no state_dict (expected a dict of tensors, "
+                         f"or a dict with a 'model' entry holding one)")
+    return obj
+
+
+def _untrained_model() -> MSIDTrans:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_SEED)
+        return MSIDTrans()
+
+
+def load_model(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> MSIDTrans:
+    """An MSI-DTrans model in eval mode, on ``device`` in ``dtype``.
+
+    Args:
+        weights: a checkpoint path (see :func:`load_state_dict`), loaded with ``strict=True``;
+            ``None`` uses the bundled weights, or an untrained model (with an
+            :class:`UntrainedWeightsWarning`) when none are bundled.
+        device: see :func:`resolve_device`. dtype: see :func:`resolve_dtype`.
+
+    Raises:
+        FileNotFoundError, ValueError: missing or unreadable file, a checkpoint of another
+            architecture (the message lists what does not match), a bad device or dtype.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    model = _untrained_model()
+    path = Path(weights) if weights is not None else BUNDLED_WEIGHTS
+    if weights is None and not BUNDLED_WEIGHTS.is_file():
+        warnings.warn(UNTRAINED_MESSAGE, UntrainedWeightsWarning, stacklevel=2)
+    else:
+        state = load_state_dict(path)
+        _load_strict(model, state, path)
+    return model.to(device=dev, dtype=dt).eval()
+
+
+def _load_strict(model: MSIDTrans, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0]})")
+        raise ValueError(f"weights file {path} is not an MSI-DTrans checkpoint: "
+                         f"{'; '.join(parts)} of {len(own)} entries")
+    non_float = [k for k, v in state.items() if v.is_floating_point() != own[k].is_floating_point()]
+    if non_float:
+        raise ValueError(f"weights file {path} has entries of the wrong type (e.g. {non_float[0]})")
+    model.load_state_dict(state, strict=True)
