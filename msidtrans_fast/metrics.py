@@ -25,8 +25,10 @@ Metrics, formulas and blind spots (A, B: sources; F: fused image):
     with these constants perfect transfer (F = A = B) scores :data:`QABF_PERFECT` = 0.9748, not 1.
     Blind spots: contrast inversion (F = 255 - A) is not penalised (orientation uses sy/sx only);
     near-vertical gradients whose sx changes sign flip alpha from +pi/2 to -pi/2 and are scored as
-    opposite; noise and ringing that add gradient are penalised only through G; NaN when neither
-    source has any gradient.
+    opposite; noise and ringing that add gradient are penalised only through G; the zero padding
+    (kept from the reference MATLAB code, for comparable numbers) makes the image border an edge
+    that any fused image of similar brightness "preserves"; NaN when neither source has any
+    gradient.
 ``Qcb`` -- Chen & Blum (2009), contrast preservation weighted by a human contrast sensitivity
     function (CSF), as in the widely used MATLAB implementation by Z. Liu: each image is stretched
     to [0, 255] and rounded (a constant image becomes 0), filtered in the frequency domain with the
