@@ -8,13 +8,15 @@ and averaged; SSIM and PSNR are added when a ground truth is present. ``--baseli
 pair with :func:`laplacian_energy_fuse` and scores it the same way.
 
 File matching: in each folder the image files (``.png .jpg .jpeg .bmp .tif .tiff .webp``, any case;
-other files are ignored) are sorted by *natural* order (digit runs compare as numbers, so ``x-2``
-comes before ``x-10``) and paired by position; the folders must hold equally many images. When every
-name in two paired folders ends in a number (its last digit run) and those numbers are distinct, the
-numbers must also line up, up to one constant offset (``mffw_05_A.jpg`` <-> ``MFFW-05.png``, or a
-0-based ``out-04.png``); otherwise the run stops rather than score mismatched pairs. The fusing CLI
-writes ``{NAME}-{i:02d}.png`` in the sources' sorted order, which this matches, as it matches the
-authors' published ``MFFW-01.png``... next to ``mffw_01_A.jpg``.
+hidden and other files are ignored, and so are ``*-dm.*`` decision maps in the fused folder) are
+listed. ``sourceA`` and ``sourceB`` pair by sorted name, as in the original ``Eval.py`` and the
+fusing CLI. A fused (or ground-truth) file belongs to a pair when its stem is the pair's name
+(``mffw_01`` for ``mffw_01_A.jpg``/``mffw_01_B.jpg``) or the sourceA stem; when that does not
+cover every pair, the files are taken in natural order (``x-9`` before ``x-10``) and paired with
+the sources in sorted order: this is the fusing CLI's ``msidtrans-fuse --dataset ROOT -o DIR``
+output ``{ROOT name}-{i:02d}.png``, i = 1, 2, ... over the sorted sources, and the naming of the
+authors' published ``MFFW-01.png``... (numbered names must then run without gaps). Counts must
+be equal.
 
 Images may be 8- or 16-bit, grayscale or RGB; 16-bit values are divided by 257 to the 8-bit scale
 the metrics use. A grayscale pair can be scored against an RGB fused file (fusion metrics use
@@ -131,16 +133,22 @@ def _natural_key(name: str):
     return [int(p) if i % 2 else p for i, p in enumerate(parts)]
 
 
-def list_images(folder: str | Path, what: str) -> list[Path]:
-    """Image files of a folder in natural order; EvaluationError when missing or empty."""
+def list_images(folder: str | Path, what: str, skip_decision_maps: bool = False) -> list[Path]:
+    """Image files of a folder sorted by name (plain ``sorted``, as the fusing CLI and the
+    original ``Eval.py`` order sources); EvaluationError when the folder is missing or has none.
+
+    ``skip_decision_maps`` ignores ``*-dm.*`` files (the fusing CLI's ``--save-decision-map``).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluationError(f"{what} folder not found: {folder}")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+             and p.suffix.lower() in IMAGE_SUFFIXES
+             and not (skip_decision_maps and p.stem.lower().endswith("-dm"))]
     if not files:
         raise EvaluationError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the {what} folder: "
                               f"{folder}")
-    return sorted(files, key=lambda p: _natural_key(p.name))
+    return sorted(files, key=lambda p: p.name)
 
 
 def _last_number(stem: str) -> int | None:
@@ -148,29 +156,61 @@ def _last_number(stem: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def check_pairing(reference: list[Path], other: list[Path], what: str) -> None:
-    """Checks that two sorted file lists pair up (see the module docstring)."""
-    if len(reference) != len(other):
-        raise EvaluationError(f"{what}: {len(other)} images in {other[0].parent}, but "
-                              f"{len(reference)} in {reference[0].parent}")
-    ref_nums = [_last_number(p.stem) for p in reference]
-    oth_nums = [_last_number(p.stem) for p in other]
-    if None in ref_nums or None in oth_nums:
-        return
-    if len(set(ref_nums)) != len(ref_nums) or len(set(oth_nums)) != len(oth_nums):
-        return
-    offset = oth_nums[0] - ref_nums[0]
-    for r, o, rn, on in zip(reference, other, ref_nums, oth_nums):
-        if on - rn != offset:
-            raise EvaluationError(f"{what}: {o.name} does not line up with {r.name} (numbered "
-                                  f"files must correspond in sorted order)")
-
-
 def _pair_name(a: Path, b: Path) -> str:
     """Row label: the sourceA stem, without a trailing ``_A``/``-A`` when B's stem has ``_B``."""
     sa = re.sub(r"[-_ ][Aa]$", "", a.stem)
     sb = re.sub(r"[-_ ][Bb]$", "", b.stem)
     return sa if sa == sb else a.stem
+
+
+def check_source_pairs(files_a: list[Path], files_b: list[Path]) -> None:
+    """sourceA and sourceB pair by sorted position; equal counts, and when every name in both
+    ends in a distinct number, the numbers must agree up to one constant offset."""
+    if len(files_a) != len(files_b):
+        raise EvaluationError(f"{len(files_a)} images in {files_a[0].parent} but {len(files_b)} "
+                              f"in {files_b[0].parent}")
+    nums_a = [_last_number(p.stem) for p in files_a]
+    nums_b = [_last_number(p.stem) for p in files_b]
+    if None in nums_a or None in nums_b or len(set(nums_a)) != len(nums_a) \
+            or len(set(nums_b)) != len(nums_b):
+        return
+    for pa, pb, na, nb in zip(files_a, files_b, nums_a, nums_b):
+        if nb - na != nums_b[0] - nums_a[0]:
+            raise EvaluationError(f"{pb.name} does not line up with {pa.name} (sourceA and "
+                                  f"sourceB pair by sorted name)")
+
+
+def match_files(names: list[str], files_a: list[Path], files: list[Path], what: str) -> list[Path]:
+    """The file of ``files`` that belongs to each source pair.
+
+    1. By name: when every pair has a file whose stem equals its row name (``mffw_01``) or its
+       sourceA stem (case-insensitive), those are used.
+    2. Otherwise by position: ``files`` in natural order (``NAME-9`` before ``NAME-10``, as the
+       fusing CLI's ``{NAME}-{i:02d}.png`` numbering) pair with the sources in sorted-name order.
+       When every name ends in a distinct number, the numbers must run consecutively (a gap means
+       a missing or extra file).
+
+    Raises:
+        EvaluationError: different counts, or a gap in the numbering.
+    """
+    if len(files) != len(files_a):
+        raise EvaluationError(f"{len(files)} {what} images in {files[0].parent}, but "
+                              f"{len(files_a)} source pairs")
+    by_stem: dict[str, Path] = {}
+    for p in files:
+        by_stem.setdefault(p.stem.lower(), p)
+    named = [by_stem.get(n.lower()) or by_stem.get(a.stem.lower()) for n, a in zip(names, files_a)]
+    if all(named) and len(set(named)) == len(named):
+        return named
+    ordered = sorted(files, key=lambda p: _natural_key(p.name))
+    nums = [_last_number(p.stem) for p in ordered]
+    if None not in nums and len(set(nums)) == len(nums):
+        for k, (p, v) in enumerate(zip(ordered, nums)):
+            if v != nums[0] + k:
+                raise EvaluationError(f"{what} files do not line up with the sources: {p.name} "
+                                      f"is number {v}, expected {nums[0] + k} (a file is missing "
+                                      f"or extra)")
+    return ordered
 
 
 def _read(path: Path) -> np.ndarray:
@@ -221,16 +261,17 @@ def evaluate(sources: str | Path, fused: str | Path | None = None,
         raise EvaluationError(f"sources folder not found: {root}")
     files_a = list_images(root / "sourceA", "sourceA")
     files_b = list_images(root / "sourceB", "sourceB")
-    check_pairing(files_a, files_b, "sourceB")
+    check_source_pairs(files_a, files_b)
+    pair_names = [_pair_name(pa, pb) for pa, pb in zip(files_a, files_b)]
     gt_dir = Path(groundtruth) if groundtruth is not None else root / "groundtruth"
     files_gt = None
     if groundtruth is not None or gt_dir.is_dir():
-        files_gt = list_images(gt_dir, "groundtruth")
-        check_pairing(files_a, files_gt, "groundtruth")
+        files_gt = match_files(pair_names, files_a, list_images(gt_dir, "groundtruth"),
+                               "groundtruth")
     files_f = None
     if fused is not None:
-        files_f = list_images(fused, "fused")
-        check_pairing(files_a, files_f, "fused")
+        files_f = match_files(pair_names, files_a,
+                              list_images(fused, "fused", skip_decision_maps=True), "fused")
     if save_baseline is not None:
         Path(save_baseline).mkdir(parents=True, exist_ok=True)
 
@@ -250,7 +291,7 @@ def evaluate(sources: str | Path, fused: str | Path | None = None,
         images = {k: _read(p) for k, p in paths.items()}
         _check_size(images, paths)
         a, b, gt = images["source_a"], images["source_b"], images.get("groundtruth")
-        name = _pair_name(pa, pb)
+        name = pair_names[i]
         candidates = []
         if files_f is not None:
             candidates.append(("fused", images["fused"]))

@@ -187,20 +187,43 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(saved / "pic_2.png")), fused_b)
 
 
-def test_cli_gray_sources_rgb_fused_and_natural_order(tmp_path, capsys):
-    # Sources numbered 1..11 without padding; fused files 0-based and zero-padded.
+def test_cli_gray_sources_rgb_fused_and_fusing_cli_numbering(tmp_path, capsys):
+    # Sources pic_1..pic_11 (unpadded): the fusing CLI numbers its outputs over the sources in
+    # sorted-name order (pic_10, pic_11, pic_1, pic_2, ...), as NAME-01.png, NAME-02.png, ...
     n = 11
-    root = make_dataset(tmp_path, n=n, fused_names=[f"out-{i:03d}.png" for i in range(n)],
-                        gray=True)
-    # Replace fused file 9 (pair 10) by an RGB copy of the ground truth.
+    order = sorted(f"pic_{i}_A.png" for i in range(1, n + 1))
+    fused_names = [""] * n
+    for k, src in enumerate(order):
+        fused_names[int(src.split("_")[1]) - 1] = f"data-{k + 1:02d}.png"
+    root = make_dataset(tmp_path, n=n, fused_names=fused_names, gray=True)
+    # An RGB copy of the ground truth of pair pic_10 (and a decision map, ignored).
     gt = np.asarray(Image.open(root / "groundtruth" / "pic_10.png"))
-    save(root / "fused" / "out-009.png", np.stack([gt] * 3, -1))
+    save(root / "fused" / fused_names[9], np.stack([gt] * 3, -1))
+    save(root / "fused" / "data-02-dm.png", np.zeros_like(gt))
     out_json = tmp_path / "s.json"
     rc, _, err = run_cli(["--sources", root, "--fused", root / "fused", "--json", out_json], capsys)
     assert rc == 0, err
     rows = json.loads(out_json.read_text())["methods"]["fused"]["images"]
-    assert [r["name"] for r in rows] == [f"pic_{i}" for i in range(1, n + 1)]
-    assert rows[9]["fused"].endswith("out-009.png") and rows[9]["SSIM"] == pytest.approx(1.0)
+    assert [r["name"] for r in rows] == [s[:-6] for s in order]
+    k = order.index("pic_10_A.png")
+    assert k == 0 and rows[k]["name"] == "pic_10"
+    assert rows[k]["fused"].endswith(f"data-{k + 1:02d}.png")
+    assert rows[k]["SSIM"] == pytest.approx(1.0)
+    assert rows[k]["groundtruth"].endswith("pic_10.png")
+    # make_dataset's fused image of pic_1 is its ground truth too; the others are A/B averages.
+    assert all(r["SSIM"] < 0.99 for r in rows if r["name"] not in ("pic_1", "pic_10"))
+
+
+def test_fused_files_matched_by_name(tmp_path, capsys):
+    names = [f"pic_{i}.png" for i in range(1, 12)]
+    root = make_dataset(tmp_path, n=11, fused_names=names)
+    gt = np.asarray(Image.open(root / "groundtruth" / "pic_2.png"))
+    save(root / "fused" / "pic_2.png", gt)
+    out_json = tmp_path / "s.json"
+    rc, _, err = run_cli(["--sources", root, "--fused", root / "fused", "--json", out_json], capsys)
+    assert rc == 0, err
+    rows = {r["name"]: r for r in json.loads(out_json.read_text())["methods"]["fused"]["images"]}
+    assert rows["pic_2"]["fused"].endswith("pic_2.png") and rows["pic_2"]["PSNR"] is None
 
 
 def test_cli_baseline_only_and_default_groundtruth(tmp_path, capsys):
@@ -213,10 +236,13 @@ def test_cli_baseline_only_and_default_groundtruth(tmp_path, capsys):
 def test_matching_on_the_published_names():
     root = shared_path("data", "dev_eval", "MFFW")
     files_a = ev.list_images(root / "sourceA", "sourceA")
-    files_f = ev.list_images(root / "published_msidtrans", "fused")
-    ev.check_pairing(files_a, files_f, "fused")
-    assert [p.name for p in files_f[:2]] == ["MFFW-01.png", "MFFW-02.png"]
-    assert ev._pair_name(files_a[0], ev.list_images(root / "sourceB", "b")[0]) == "mffw_01"
+    files_b = ev.list_images(root / "sourceB", "sourceB")
+    ev.check_source_pairs(files_a, files_b)
+    names = [ev._pair_name(a, b) for a, b in zip(files_a, files_b)]
+    assert names[:2] == ["mffw_01", "mffw_02"]
+    files_f = ev.match_files(names, files_a,
+                             ev.list_images(root / "published_msidtrans", "fused"), "fused")
+    assert [p.name for p in files_f] == [f"MFFW-{i:02d}.png" for i in range(1, len(files_a) + 1)]
 
 
 def assert_one_line_error(rc, err, pattern):
@@ -250,12 +276,12 @@ def test_cli_bad_inputs(tmp_path, capsys):
 
     (fused / "set-04.png").write_bytes((fused / "set-03.png").read_bytes())
     rc, _, err = run_cli(["--sources", root, "--fused", fused], capsys)
-    assert_one_line_error(rc, err, "4 images")
+    assert_one_line_error(rc, err, "4 fused images")
 
     (fused / "set-04.png").unlink()
     (fused / "set-03.png").rename(fused / "set-07.png")  # same count, wrong numbering
     rc, _, err = run_cli(["--sources", root, "--fused", fused], capsys)
-    assert_one_line_error(rc, err, "does not line up")
+    assert_one_line_error(rc, err, "do not line up")
 
     (fused / "set-07.png").write_bytes(b"this is not a png")
     (fused / "set-07.png").rename(fused / "set-03.png")
