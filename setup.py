@@ -12,8 +12,45 @@ PACKAGE_DIR = {"msidtrans_fast": "msidtrans_fast", "msidtrans_fast.kernels": "ke
 
 
 def extension_modules():
-    """The compiled extension and the build command that builds it (see csrc/)."""
-    return [], {}
+    """The compiled extension and the build command that builds it (see csrc/README.md).
+
+    The C++ CPU part is always built. The CUDA kernels (csrc/*.cu) are added when torch is a CUDA
+    build and nvcc is found, or when FORCE_CUDA=1. TORCH_CUDA_ARCH_LIST picks the architectures
+    and MAX_JOBS the parallel compile jobs (both read by torch's BuildExtension and ninja).
+    """
+    import glob
+    import os
+    import shutil
+
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("msidtrans_fast: torch is not importable, so msidtrans_fast._C is not built "
+              "(install torch, then `pip install --no-build-isolation -e .`)")
+        return [], {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
+    cuda = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cu")))
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+    with_cuda = force_cuda or (torch.version.cuda is not None and has_nvcc)
+    cxx_flags = ["-O3", "-fopenmp"]
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "msidtrans_fast._C", cpp + cuda, define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        reason = ("torch is a CPU-only build" if torch.version.cuda is None
+                  else "nvcc was not found")
+        print(f"msidtrans_fast: building the CPU part of msidtrans_fast._C only ({reason}; "
+              "set FORCE_CUDA=1 to force the CUDA kernels)")
+        ext = cpp_extension.CppExtension("msidtrans_fast._C", cpp,
+                                         extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=["-fopenmp"])
+    build = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build}
 
 
 ext_modules, cmdclass = extension_modules()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, reference
+from . import backends, ops, reference
 
 Permutation = Sequence[int]
 
@@ -46,7 +46,9 @@ class HaarSplit(nn.Module):
     """Haar wavelet split, ``(b, C, H, W) -> (low (b, C, H', W'), high (b, 3C, H', W'))``.
 
     ``H' = ceil(H/2)``. Differentiable; with ``detach=True`` it cuts the graph as the original's
-    numpy round trip did (nothing upstream of it then learns). ``backend`` is set by the model.
+    numpy round trip did (nothing upstream of it then learns). ``backend`` is set by the model:
+    "reference" runs :func:`reference.haar_split`, any other backend :func:`ops.haar_split`
+    (the compiled extension where built, else the same reference code).
     """
 
     def __init__(self, detach: bool = False):
@@ -57,6 +59,8 @@ class HaarSplit(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.detach:
             x = x.detach()
+        if self.backend != backends.REFERENCE:
+            return ops.haar_split(x)
         return reference.haar_split(x)
 
 

@@ -79,6 +79,9 @@ def compiled() -> dict[str, dict[str, bool]]:
 # Haar split
 # --------------------------------------------------------------------------------------------
 
+# The compiled entries are torch.library custom ops (with fake kernels for tracing and autograd
+# formulas registered on the ops themselves, which plays the part of an autograd.Function and
+# keeps them usable under torch.compile and torch.library.opcheck).
 if _C is not None:
     @torch.library.custom_op("msidtrans_fast::haar_split_forward", mutates_args=())
     def _haar_forward_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,24 +103,34 @@ if _C is not None:
     def _(grad_low, grad_high, height, width):
         return grad_low.new_empty(grad_low.shape[0], grad_low.shape[1], height, width)
 
+    def _haar_backward_setup(ctx, inputs, output):
+        pass
 
-class HaarSplitFunction(torch.autograd.Function):
-    """Compiled Haar split with its backward (the inverse transform, padding cropped).
+    def _haar_backward_grad(ctx, grad):
+        # the backward is linear and its adjoint is the forward split (double backward)
+        grad_low, grad_high = torch.ops.msidtrans_fast.haar_split_forward(grad.contiguous())
+        return grad_low, grad_high, None, None
 
-    The Haar block matrix is symmetric and orthogonal, so the adjoint applies the same four
-    sums to (gA, gH, gV, gD) and writes them back to the 2x2 block, dropping the padded row and
-    column of an odd size.
-    """
+    _haar_backward_op.register_autograd(_haar_backward_grad, setup_context=_haar_backward_setup)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor):
-        ctx.height, ctx.width = x.shape[2], x.shape[3]
-        return torch.ops.msidtrans_fast.haar_split_forward(x)
+    def _haar_forward_setup(ctx, inputs, output):
+        ctx.height, ctx.width = inputs[0].shape[2], inputs[0].shape[3]
 
-    @staticmethod
-    def backward(ctx, grad_low: torch.Tensor, grad_high: torch.Tensor):
+    def _haar_forward_grad(ctx, grad_low, grad_high):
+        # the adjoint: the inverse transform with the padded row/column cropped (the 2x2 Haar
+        # block matrix is symmetric and orthogonal)
         return torch.ops.msidtrans_fast.haar_split_backward(
             grad_low.contiguous(), grad_high.contiguous(), ctx.height, ctx.width)
+
+    _haar_forward_op.register_autograd(_haar_forward_grad, setup_context=_haar_forward_setup)
+
+    @torch.library.custom_op("msidtrans_fast::remove_small_regions", mutates_args=())
+    def _regions_op(mask: torch.Tensor, min_area: int) -> torch.Tensor:
+        return _C.remove_small_regions(mask, min_area)
+
+    @_regions_op.register_fake
+    def _(mask, min_area):
+        return torch.empty_like(mask)
 
 
 def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +164,7 @@ def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reference.haar_split(x)
     if not _has_device(x.device) or x.dtype not in _HAAR_DTYPES.get(x.device.type, ()):
         return reference.haar_split(x)
-    return HaarSplitFunction.apply(x.contiguous())
+    return torch.ops.msidtrans_fast.haar_split_forward(x.contiguous())
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,9 +173,11 @@ def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_mask(mask: torch.Tensor, min_area) -> int:
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"remove_small_regions expects a torch.Tensor mask, got {type(mask).__name__}")
+        raise TypeError("remove_small_regions expects a torch.Tensor mask, got "
+                        f"{type(mask).__name__}")
     if mask.is_complex():
-        raise TypeError(f"remove_small_regions expects a bool, integer or floating mask, got {mask.dtype}")
+        raise TypeError("remove_small_regions expects a bool, integer or floating mask, got "
+                        f"{mask.dtype}")
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError("remove_small_regions expects a (b, 1, H, W) mask, got shape "
                          f"{tuple(mask.shape)}")
@@ -254,7 +269,8 @@ def remove_small_regions(mask: torch.Tensor, min_area: int) -> torch.Tensor:
     if mask.numel() == 0 or area <= 1:
         return mask.clone()
     if _has_device(mask.device):
-        out = _C.remove_small_regions(binary[:, 0].contiguous().to(torch.uint8), area)
+        flat = binary[:, 0].to(torch.uint8).contiguous()
+        out = torch.ops.msidtrans_fast.remove_small_regions(flat, area)
         return out.unsqueeze(1).to(mask.dtype)
     if _C is None:
         _warn_missing()

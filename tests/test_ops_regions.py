@@ -50,7 +50,8 @@ def check_batch(impl, masks: np.ndarray, min_area: int) -> None:
     assert got.dtype == torch.bool and got.shape == (masks.shape[0], 1) + masks.shape[1:]
     for i, m in enumerate(masks):
         want = oracle(m, min_area)
-        np.testing.assert_array_equal(got[i, 0].numpy(), want, err_msg=f"map {i}, min_area {min_area}")
+        np.testing.assert_array_equal(got[i, 0].numpy(), want,
+                                      err_msg=f"map {i}, min_area {min_area}")
 
 
 def random_masks(rng: np.random.RandomState, b: int, h: int, w: int) -> np.ndarray:
@@ -156,7 +157,8 @@ def test_batch_maps_are_independent(impl):
         np.testing.assert_array_equal(got[i, 0].numpy(), oracle(masks[i], 4))
 
 
-@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32,
+                                   torch.float64])
 def test_dtypes_round_trip(dtype):
     rng = np.random.RandomState(3)
     m = rng.rand(2, 1, 9, 9) < 0.5
@@ -191,6 +193,13 @@ def test_input_validation():
     with pytest.raises(ValueError, match=">= 0"):
         ops.remove_small_regions(good, -1)
     assert torch.equal(ops.remove_small_regions(good, np.int64(3)), good)
+
+
+def test_opcheck():
+    if not ops.compiled()["remove_small_regions"]["cpu"]:
+        pytest.skip("msidtrans_fast._C is not built")
+    mask = (torch.rand(2, 9, 7, generator=torch.Generator().manual_seed(0)) < 0.5).to(torch.uint8)
+    torch.library.opcheck(torch.ops.msidtrans_fast.remove_small_regions, (mask, 3))
 
 
 def test_larger_map_against_skimage():

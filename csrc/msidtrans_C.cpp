@@ -1,0 +1,30 @@
+// The Python module msidtrans_fast._C: bindings only (kernels and checks live in the per-op files).
+#include <torch/extension.h>
+
+#include "haar_split.h"
+#include "remove_small_regions.h"
+
+namespace {
+
+bool has_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "msidtrans_fast compiled ops: Haar split and the fusing consistency check";
+  m.def("has_cuda", &has_cuda, "Whether the CUDA kernels were built");
+  m.def("haar_split_forward", &msidtrans::haar_split_forward, py::arg("x"),
+        "(b, C, H, W) contiguous -> [low (b, C, H', W'), high (b, 3C, H', W')], H' = ceil(H/2)");
+  m.def("haar_split_backward", &msidtrans::haar_split_backward, py::arg("grad_low"),
+        py::arg("grad_high"), py::arg("height"), py::arg("width"),
+        "Adjoint of haar_split_forward for an input of size (height, width)");
+  m.def("remove_small_regions", &msidtrans::remove_small_regions, py::arg("mask"),
+        py::arg("min_area"),
+        "(b, H, W) uint8 0/1 -> uint8: drop 1-components then 0-components with < min_area pixels");
+}
