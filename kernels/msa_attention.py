@@ -61,8 +61,8 @@ def _msa_fwd_kernel(
     sk_b, sk_g, sk_c, sk_n,
     sv_b, sv_g, sv_c, sv_n,
     so_b, so_c, so_n,
-    n_q, n_k, head_dim, qk_scale, perm_code,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_q, n_k, qk_scale, perm_code,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -74,7 +74,7 @@ def _msa_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < n_q
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
 
     q_base = Q + batch * sq_b + q_scale * sq_g
     k_base = K + batch * sk_b + group * sk_g
@@ -103,7 +103,7 @@ def _msa_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_base = O + batch * so_b + (group * head_dim) * so_c
+    o_base = O + batch * so_b + (group * HEAD_DIM) * so_c
     tl.store(o_base + offs_d[None, :] * so_c + offs_m[:, None] * so_n,
              acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     # Base-2 log-sum-exp of the scores in base-2 units; the backward pass uses the same units.
@@ -116,8 +116,8 @@ def _msa_bwd_preprocess_kernel(
     O, DO, DELTA,
     so_b, so_c, so_n,
     sdo_b, sdo_c, sdo_n,
-    n_q, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    n_q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -125,8 +125,8 @@ def _msa_bwd_preprocess_kernel(
     group = pid_bg % 3
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < head_dim)
-    channel = group * head_dim + offs_d[None, :]
+    mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    channel = group * HEAD_DIM + offs_d[None, :]
     o = tl.load(O + batch * so_b + channel * so_c + offs_m[:, None] * so_n, mask=mask, other=0.0)
     do = tl.load(DO + batch * sdo_b + channel * sdo_c + offs_m[:, None] * sdo_n,
                  mask=mask, other=0.0)
@@ -142,8 +142,8 @@ def _msa_bwd_dkdv_kernel(
     sv_b, sv_g, sv_c, sv_n,
     sdo_b, sdo_c, sdo_n,
     sdk_b, sdk_g, sdk_c, sdk_n,
-    n_q, n_k, head_dim, qk_scale, sm_scale, perm_code,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_q, n_k, qk_scale, sm_scale, perm_code,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (key block, batch * 3 + group); dK and dV share the strides ``sdk_*``."""
@@ -156,11 +156,11 @@ def _msa_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < n_k
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
     q_base = Q + batch * sq_b + q_scale * sq_g
-    do_base = DO + batch * sdo_b + (group * head_dim) * sdo_c
+    do_base = DO + batch * sdo_b + (group * HEAD_DIM) * sdo_c
     row_base = pid_bg.to(tl.int64) * n_q
     k = tl.load(K + batch * sk_b + group * sk_g + offs_n[:, None] * sk_n + offs_d[None, :] * sk_c,
                 mask=mask_nd, other=0.0)
@@ -202,8 +202,8 @@ def _msa_bwd_dq_kernel(
     sv_b, sv_g, sv_c, sv_n,
     sdo_b, sdo_c, sdo_n,
     sdq_b, sdq_g, sdq_c, sdq_n,
-    n_q, n_k, head_dim, qk_scale, sm_scale, perm_code,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_q, n_k, qk_scale, sm_scale, perm_code,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (query block, batch * 3 + group); writes dQ of scale ``perm[group]``.
@@ -219,12 +219,12 @@ def _msa_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < n_q
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
     mask_md = mask_m[:, None] & mask_d[None, :]
 
     q = tl.load(Q + batch * sq_b + q_scale * sq_g + offs_m[:, None] * sq_n
                 + offs_d[None, :] * sq_c, mask=mask_md, other=0.0)
-    do = tl.load(DO + batch * sdo_b + (group * head_dim + offs_d[None, :]) * sdo_c
+    do = tl.load(DO + batch * sdo_b + (group * HEAD_DIM + offs_d[None, :]) * sdo_c
                  + offs_m[:, None] * sdo_n, mask=mask_md, other=0.0)
     row_base = pid_bg.to(tl.int64) * n_q
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
@@ -255,12 +255,19 @@ def _msa_bwd_dq_kernel(
 
 # ------------------------------------------------------------------------------------ launchers
 
-def _config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Block sizes, accumulator type and product precision for one dtype / head size."""
+def _config(dtype: torch.dtype, head_dim: int, forward: bool) -> tuple[dict, dict]:
+    """``(constexprs, launch options)`` for one dtype / head size / direction.
+
+    Untuned starting points (no GPU was available to tune them): 16-bit forward uses 128-query
+    tiles with 8 warps, as the Triton fused-attention tutorial does on Hopper; fp32 and the
+    backward kernels, which hold more fp32 tiles per program, use 64 x 64 tiles and 4 warps.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d, "ACC_DTYPE": acc,
-            "PRECISION": "ieee"}
+    wide = forward and dtype in (torch.float16, torch.bfloat16)
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128 if wide else 64, "BLOCK_N": 64,
+              "BLOCK_D": block_d, "ACC_DTYPE": acc, "PRECISION": "ieee"}
+    return consts, {"num_warps": 8 if wide else 4, "num_stages": 3 if wide else 2}
 
 
 def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -289,14 +296,13 @@ def msa_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per
     n_k = k.shape[-1]
     out = torch.empty((b, GROUPS * d, *out_hw), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, GROUPS, n_q), device=q.device, dtype=_acc_torch_dtype(q.dtype))
-    cfg = _config(q.dtype, d)
+    cfg, opts = _config(q.dtype, d, forward=True)
     grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), b * GROUPS)
     _msa_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         out.stride(0), out.stride(1), 1,
-        n_q, n_k, d, d ** -0.5 * LOG2E, pack_perm(perm),
-        **cfg, num_warps=4, num_stages=2)
+        n_q, n_k, d ** -0.5 * LOG2E, pack_perm(perm), **cfg, **opts)
     return out, lse
 
 
@@ -314,23 +320,24 @@ def msa_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     """
     b, _, d, n_q = q.shape
     n_k = k.shape[-1]
-    cfg = _config(q.dtype, d)
+    cfg, opts = _config(q.dtype, d, forward=False)
     code = pack_perm(perm)
     delta = torch.empty_like(lse)
     do_strides = (grad_out.stride(0), grad_out.stride(1), 1)
     _msa_bwd_preprocess_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]), b * GROUPS)](
         out, grad_out, delta,
         out.stride(0), out.stride(1), 1, *do_strides,
-        n_q, d, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], ACC_DTYPE=cfg["ACC_DTYPE"])
+        n_q, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+        ACC_DTYPE=cfg["ACC_DTYPE"], num_warps=4)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     _msa_bwd_dkdv_kernel[(triton.cdiv(n_k, cfg["BLOCK_N"]), b * GROUPS)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do_strides, *dk.stride(),
-        n_q, n_k, d, d ** -0.5 * LOG2E, d ** -0.5, code, **cfg, num_warps=4, num_stages=2)
+        n_q, n_k, d ** -0.5 * LOG2E, d ** -0.5, code, **cfg, **opts)
     _msa_bwd_dq_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]), b * GROUPS)](
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do_strides, *dq.stride(),
-        n_q, n_k, d, d ** -0.5 * LOG2E, d ** -0.5, code, **cfg, num_warps=4, num_stages=2)
+        n_q, n_k, d ** -0.5 * LOG2E, d ** -0.5, code, **cfg, **opts)
     return dq, dk, dv
