@@ -18,6 +18,10 @@ output ``{ROOT name}-{i:02d}.png``, i = 1, 2, ... over the sorted sources, and t
 authors' published ``MFFW-01.png``... (numbered names must then run without gaps). Counts must
 be equal.
 
+Means are plain averages over the images, except that an infinite PSNR (a fused image identical
+to its ground truth, which happens on synthetic sets such as NYU-D) counts as :data:`PSNR_CAP`
+(100 dB) in the mean; per image it is reported as ``inf`` (``null`` in JSON).
+
 Images may be 8- or 16-bit, grayscale or RGB; 16-bit values are divided by 257 to the 8-bit scale
 the metrics use. A grayscale pair can be scored against an RGB fused file (fusion metrics use
 luminance). Bad input (a missing folder, an empty one, different counts, an unreadable file,
@@ -43,6 +47,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Defaults of the classical baseline.
 BASELINE_WINDOW = 15
 BASELINE_THRESHOLD = 0.001
+
+#: An image identical to its ground truth has an infinite PSNR (reported per image as ``inf``, or
+#: null in JSON); means count it as this many dB, so one perfect image does not make a mean infinite.
+PSNR_CAP = 100.0
 
 PROG = "msidtrans-eval"
 
@@ -315,7 +323,8 @@ def evaluate(sources: str | Path, fused: str | Path | None = None,
                 row.update(_metrics.reference_metrics(img, gt))
             methods[method]["images"].append(row)
     for entry in methods.values():
-        entry["mean"] = {k: float(np.mean([r[k] for r in entry["images"]])) for k in names}
+        entry["mean"] = {k: float(np.mean([min(r[k], PSNR_CAP) if k == "PSNR" else r[k]
+                                           for r in entry["images"]])) for k in names}
     return {"sources": str(root), "groundtruth": str(gt_dir) if files_gt else None,
             "metrics": list(names), "methods": methods}
 

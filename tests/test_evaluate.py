@@ -178,6 +178,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert rows[0]["PSNR"] is None and rows[0]["SSIM"] == pytest.approx(1.0)
     mean = result["methods"]["fused"]["mean"]
     assert mean["Qabf"] == pytest.approx(np.mean([r["Qabf"] for r in rows]))
+    assert mean["PSNR"] == pytest.approx(np.mean([ev.PSNR_CAP, rows[1]["PSNR"], rows[2]["PSNR"]]))
     # The baseline beats averaging on the ground-truth metrics and was saved.
     base = result["methods"]["baseline"]
     assert base["window"] == 7 and len(base["images"]) == 3
