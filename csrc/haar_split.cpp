@@ -10,8 +10,8 @@
 #include "common.h"
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "haar_split_cuda.h"
 #endif
@@ -126,7 +126,7 @@ std::vector<at::Tensor> haar_split_forward(const at::Tensor& x) {
     const c10::cuda::CUDAGuard guard(x.device());
     const auto err = haar_split_forward_cuda(kind_of(x.scalar_type()), x.data_ptr(),
                                              low.data_ptr(), high.data_ptr(), batch, channels,
-                                             height, width, at::cuda::getCurrentCUDAStream());
+                                             height, width, c10::cuda::getCurrentCUDAStream());
     MSID_CHECK_CUDA_ERROR(err);
     return {low, high};
 #else
@@ -164,7 +164,7 @@ at::Tensor haar_split_backward(const at::Tensor& grad_low, const at::Tensor& gra
     const c10::cuda::CUDAGuard guard(grad_low.device());
     const auto err = haar_split_backward_cuda(
         kind_of(grad_low.scalar_type()), grad_low.data_ptr(), grad_high.data_ptr(),
-        grad_x.data_ptr(), batch, channels, height, width, at::cuda::getCurrentCUDAStream());
+        grad_x.data_ptr(), batch, channels, height, width, c10::cuda::getCurrentCUDAStream());
     MSID_CHECK_CUDA_ERROR(err);
     return grad_x;
 #else

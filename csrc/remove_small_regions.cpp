@@ -13,8 +13,8 @@
 #include "common.h"
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "remove_small_regions_cuda.h"
 #endif
@@ -97,7 +97,7 @@ at::Tensor remove_small_regions(const at::Tensor& mask, int64_t min_area) {
     auto sizes = at::empty({out.numel()}, mask.options().dtype(at::kInt));
     const auto err = remove_small_regions_cuda(out.data_ptr<uint8_t>(), labels.data_ptr<int32_t>(),
                                                sizes.data_ptr<int32_t>(), batch, height, width,
-                                               min_area, at::cuda::getCurrentCUDAStream());
+                                               min_area, c10::cuda::getCurrentCUDAStream());
     MSID_CHECK_CUDA_ERROR(err);
     return out;
 #else
