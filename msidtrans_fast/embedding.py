@@ -128,7 +128,8 @@ def _bn_project(y: torch.Tensor, bns, projections) -> torch.Tensor:
     shift = torch.stack([bn.bias for bn in bns]) - torch.stack(
         [bn.running_mean for bn in bns]) * scale                    # (3, C)
     bias = torch.matmul(proj, shift.unsqueeze(-1))                  # (3, out, 1)
-    return torch.matmul(proj * scale.unsqueeze(1), y) + bias
+    out = torch.matmul(proj * scale.unsqueeze(1), y)  # under autocast: the autocast dtype
+    return out + bias.to(out.dtype)
 
 
 def token_embedding(x: torch.Tensor, norm, attention) -> tuple[torch.Tensor, torch.Tensor,
