@@ -56,7 +56,7 @@ def _query_scale(group, perm_code):
 
 @triton.jit
 def _msa_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, OUT, LSE,
     sq_b, sq_g, sq_c, sq_n,
     sk_b, sk_g, sk_c, sk_n,
     sv_b, sv_g, sv_c, sv_n,
@@ -103,9 +103,9 @@ def _msa_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_base = O + batch * so_b + (group * HEAD_DIM) * so_c
+    o_base = OUT + batch * so_b + (group * HEAD_DIM) * so_c
     tl.store(o_base + offs_d[None, :] * so_c + offs_m[:, None] * so_n,
-             acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+             acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     # Base-2 log-sum-exp of the scores in base-2 units; the backward pass uses the same units.
     lse2 = m_i + tl.log2(l_i)
     tl.store(LSE + pid_bg.to(tl.int64) * n_q + offs_m, lse2, mask=mask_m)
@@ -113,7 +113,7 @@ def _msa_fwd_kernel(
 
 @triton.jit
 def _msa_bwd_preprocess_kernel(
-    O, DO, DELTA,
+    OUT, DO, DELTA,
     so_b, so_c, so_n,
     sdo_b, sdo_c, sdo_n,
     n_q,
@@ -127,7 +127,7 @@ def _msa_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
     channel = group * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + batch * so_b + channel * so_c + offs_m[:, None] * so_n, mask=mask, other=0.0)
+    o = tl.load(OUT + batch * so_b + channel * so_c + offs_m[:, None] * so_n, mask=mask, other=0.0)
     do = tl.load(DO + batch * sdo_b + channel * sdo_c + offs_m[:, None] * sdo_n,
                  mask=mask, other=0.0)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
@@ -289,8 +289,9 @@ def msa_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per
         out_hw: (H, W).
 
     Returns:
-        ``(out, lse2)``: out (b, 3 * d, H, W) contiguous in q's dtype; lse2 (b, 3, Nq) fp32 (fp64 for
-        fp64 inputs), each row's log-sum-exp in base-2 units (natural log-sum-exp times LOG2E).
+        ``(out, lse2)``: out (b, 3 * d, H, W) contiguous in q's dtype; lse2 (b, 3, Nq) fp32
+        (fp64 for fp64 inputs), each row's log-sum-exp in base-2 units (natural log-sum-exp
+        times LOG2E).
     """
     b, _, d, n_q = q.shape
     n_k = k.shape[-1]

@@ -1,4 +1,4 @@
-"""Multi-scale flash attention as an autograd Function (Triton kernels in ``kernels/msa_attention``).
+"""Multi-scale flash attention as an autograd Function (kernels in ``kernels/msa_attention.py``).
 
 ``msa_attention(q, k, v, perm, out_hw)`` computes, for every image and group g = 0, 1, 2,
 ``softmax(q[perm[g]] k[g]^T / sqrt(d)) v[g]`` and writes it to channels ``g*d .. g*d+d-1`` of a
@@ -15,7 +15,7 @@ CUDA tensors run compiled Triton; CPU tensors run the same kernels in Triton's i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -100,7 +100,8 @@ def msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Seque
         q: (b, 3, d, Nq) queries of the three scales, Nq = H * W (row-major pixels).
         k, v: (b, 3, d, Nk) keys and values of the three scales. q, k, v share dtype (fp16, bf16,
             fp32 or fp64) and device; any strides.
-        perm: permutation of (0, 1, 2); group g pairs ``q[:, perm[g]]`` with ``k[:, g]``, ``v[:, g]``.
+        perm: permutation of (0, 1, 2); group g pairs ``q[:, perm[g]]`` with ``k[:, g]`` and
+            ``v[:, g]``.
         out_hw: (H, W).
 
     Returns:

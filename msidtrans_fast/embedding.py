@@ -77,6 +77,8 @@ def ln_dwconv(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, weight: torch.T
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"x has unsupported dtype {x.dtype}")
     c = x.shape[1]
+    if c > _kernels.MAX_CHANNELS:
+        raise ValueError(f"{c} channels exceed the supported maximum {_kernels.MAX_CHANNELS}")
     if g.numel() != c or b.numel() != c:
         raise ValueError(f"g and b must have {c} elements, got {g.numel()} and {b.numel()}")
     if tuple(weight.shape) != (len(reference.SCALES), c, 3, 3):

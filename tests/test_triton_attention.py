@@ -11,11 +11,10 @@ import itertools
 
 import pytest
 import torch
+from conftest import requires_cuda
+from tolerances import FP32_FWD_REL, FP32_GRAD_REL, GRADCHECK, LOWP_FACTOR, LOWP_FLOOR, rel_err
 
 from msidtrans_fast import reference
-from conftest import requires_cuda
-from tolerances import (FP32_FWD_REL, FP32_GRAD_REL, GRADCHECK, LOWP_FACTOR, LOWP_FLOOR,
-                              rel_err)
 
 triton = pytest.importorskip("triton")
 from msidtrans_fast.attention import msa_attention  # noqa: E402
@@ -55,7 +54,7 @@ def test_forward_and_gradients_fp32(case):
     grad = torch.randn_like(ref)
     ours = torch.autograd.grad(out, (q, k, v), grad)
     theirs = torch.autograd.grad(ref, (q, k, v), grad)
-    for name, a, r in zip("qkv", ours, theirs):
+    for name, a, r in zip("qkv", ours, theirs, strict=True):
         assert rel_err(a, r) <= FP32_GRAD_REL, name
 
 
@@ -68,7 +67,7 @@ def test_every_permutation(perm):
     assert rel_err(out, ref) <= FP32_FWD_REL
     grad = torch.randn_like(ref)
     for a, r in zip(torch.autograd.grad(out, (q, k, v), grad),
-                    torch.autograd.grad(ref, (q, k, v), grad)):
+                    torch.autograd.grad(ref, (q, k, v), grad), strict=True):
         assert rel_err(a, r) <= FP32_GRAD_REL
 
 
@@ -109,7 +108,7 @@ def test_non_contiguous_inputs_and_grad_output():
     grad = torch.randn(b, 3 * d, w, h, generator=gen).transpose(2, 3)
     ours = torch.autograd.grad(out, (q_tok, kv), grad)
     theirs = torch.autograd.grad(ref, (q_tok, kv), grad)
-    for a, r in zip(ours, theirs):
+    for a, r in zip(ours, theirs, strict=True):
         assert rel_err(a, r) <= FP32_GRAD_REL
 
 
@@ -156,7 +155,7 @@ def test_low_precision_gpu(dtype, case):
     grad = torch.randn_like(ref)
     for a, p, r in zip(torch.autograd.grad(out, (q, k, v), grad.to(dtype)),
                        torch.autograd.grad(torch_lowp, (q, k, v), grad.to(dtype)),
-                       torch.autograd.grad(ref, (q32, k32, v32), grad)):
+                       torch.autograd.grad(ref, (q32, k32, v32), grad), strict=True):
         bound = LOWP_FACTOR * (p.float() - r).abs().max().item() + floor
         assert (a.float() - r).abs().max().item() <= bound
 
@@ -174,4 +173,4 @@ def test_deterministic_gpu():
         result = (out, *torch.autograd.grad(out, (q, k, v), grad))
         if first is None:
             first = result
-        assert all(torch.equal(a, r) for a, r in zip(result, first))
+        assert all(torch.equal(a, r) for a, r in zip(result, first, strict=True))

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from tolerances import (FP32_FWD_REL, FP32_GRAD_REL, GRADCHECK, LOWP_FACTOR, LOWP_FLOOR,
-                        rel_err)
+from tolerances import FP32_FWD_REL, FP32_GRAD_REL, GRADCHECK, LOWP_FACTOR, LOWP_FLOOR, rel_err
 
 from msidtrans_fast import reference
 from msidtrans_fast.modules import ChannelLayerNorm, MultiScaleAttention
@@ -53,7 +52,7 @@ def test_ln_dwconv_matches_reference(case):
     assert rel_err(y, ref) <= FP32_FWD_REL
     grad = torch.randn(ref.shape, generator=gen)
     for name, a, r in zip(("x", "g", "b", "w"), torch.autograd.grad(y, (x, g, b, wt), grad),
-                          torch.autograd.grad(ref, (x, g, b, wt), grad)):
+                          torch.autograd.grad(ref, (x, g, b, wt), grad), strict=True):
         assert rel_err(a, r) <= FP32_GRAD_REL, name
 
 
@@ -125,20 +124,21 @@ def test_token_embedding_matches_modules(train, dim, dim_head, kv_stride, h, w):
     x = torch.randn(2, dim, h, w, generator=gen, requires_grad=True)
     ours = token_embedding(x, norm, attn)
     theirs = _reference_embedding(x, norm_ref, attn_ref)
-    for name, a, r in zip("qkv", ours, theirs):
+    for name, a, r in zip("qkv", ours, theirs, strict=True):
         assert a.shape == r.shape, name
         assert rel_err(a, r) <= FP32_FWD_REL, name
     assert ours[0].is_contiguous()
     grads = [torch.randn(r.shape, generator=gen) for r in theirs]
     torch.autograd.backward(ours, grads)
     torch.autograd.backward(theirs, grads)
-    for (name, p), p_ref in zip(list(norm.named_parameters()) + list(attn.named_parameters()),
-                                list(norm_ref.parameters()) + list(attn_ref.parameters())):
+    named = list(norm.named_parameters()) + list(attn.named_parameters())
+    refs = list(norm_ref.parameters()) + list(attn_ref.parameters())
+    for (name, p), p_ref in zip(named, refs, strict=True):
         if p_ref.grad is None:
             assert p.grad is None, name
             continue
         assert rel_err(p.grad, p_ref.grad) <= FP32_GRAD_REL, name
-    for (name, buf), buf_ref in zip(attn.named_buffers(), attn_ref.buffers()):
+    for (name, buf), buf_ref in zip(attn.named_buffers(), attn_ref.buffers(), strict=True):
         if buf.dtype == torch.long:
             assert torch.equal(buf, buf_ref), name
         else:

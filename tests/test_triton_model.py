@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +53,34 @@ def test_backend_registration():
     assert hasattr(msidtrans_fast, "triton_backend")
 
 
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environ.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=environ, timeout=120, check=False)
+
+
+def test_cpu_without_interpreter_is_refused_with_a_reason():
+    code = ("import msidtrans_fast\n"
+            "assert msidtrans_fast.resolve_backend('auto', 'cpu') == 'reference'\n"
+            "try:\n"
+            "    msidtrans_fast.resolve_backend('triton', 'cpu')\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert "TRITON_INTERPRET=1" in result.stdout
+
+
+def test_import_survives_a_missing_triton():
+    code = ("import sys\nsys.modules['triton'] = None\n"
+            "import msidtrans_fast\n"
+            "assert 'triton' not in msidtrans_fast.available_backends()\n"
+            "assert msidtrans_fast.MSIDTrans is not None\n")
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+
+
 def test_train_step_matches_reference(monkeypatch):
     """Train mode, batch 2, 13x11: output, every parameter's gradient, BatchNorm buffers."""
     if triton_backend.can_run(torch.device("cpu")) is not None:
@@ -79,14 +109,14 @@ def test_train_step_matches_reference(monkeypatch):
     largest = max(p.grad.abs().max().item() for p in ref_model.parameters()
                   if p.grad is not None)
     checked = 0
-    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         assert (p.grad is None) == (p_ref.grad is None), name
         if p_ref.grad is not None:
             scale = max(p_ref.grad.abs().max().item(), MODEL_GRAD_FLOOR * largest)
             assert (p.grad - p_ref.grad).abs().max().item() <= MODEL_REL * scale, name
             checked += 1
     assert checked > 250  # every parameter but the never-called sub2 of the RSE modules
-    for (name, buf), buf_ref in zip(model.named_buffers(), ref_model.buffers()):
+    for (name, buf), buf_ref in zip(model.named_buffers(), ref_model.buffers(), strict=True):
         if buf.dtype == torch.long:
             assert torch.equal(buf, buf_ref), name
         else:
