@@ -49,9 +49,9 @@ def _check_maps(pred: torch.Tensor, target: torch.Tensor) -> None:
                          f"and {tuple(target.shape)}")
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW,
-         sigma: float = SSIM_SIGMA, data_range: float = 1.0) -> torch.Tensor:
-    """Mean structural similarity of two image batches, differentiable in both arguments.
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW,
+             sigma: float = SSIM_SIGMA, data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel structural similarity of two image batches, differentiable in both arguments.
 
     Local statistics use a Gaussian window (``window_size`` x ``window_size``, ``sigma``) applied
     per channel with zero padding of ``window_size // 2`` (output the size of the input, as the
@@ -61,7 +61,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW,
         x, y: (b, c, H, W) floating tensors of the same shape.
 
     Returns:
-        A float32 scalar: the SSIM map averaged over batch, channels and pixels (1 for x == y).
+        (b, c, H, W) float32 SSIM map (1 everywhere for x == y).
     """
     _check_maps(x, y)
     x, y = x.float(), y.float()
@@ -79,8 +79,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW,
     cov = blur(x * y) - mu_xy
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
-    ssim_map = ((2 * mu_xy + c1) * (2 * cov + c2)) / ((mu_xx + mu_yy + c1) * (var_x + var_y + c2))
-    return ssim_map.mean()
+    return ((2 * mu_xy + c1) * (2 * cov + c2)) / ((mu_xx + mu_yy + c1) * (var_x + var_y + c2))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW,
+         sigma: float = SSIM_SIGMA, data_range: float = 1.0) -> torch.Tensor:
+    """Mean of :func:`ssim_map` over batch, channels and pixels: a float32 scalar (1 for x == y)."""
+    return ssim_map(x, y, window_size, sigma, data_range).mean()
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor,

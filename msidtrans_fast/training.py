@@ -50,6 +50,7 @@ from . import backends
 from .datasets import FolderPairs, SyntheticPairs, list_images, seed_worker, split_images
 from .losses import msidtrans_loss
 from .model import MSIDTrans
+from .modules import RSEModule
 
 CHECKPOINT_FORMAT = "msidtrans_fast.training/1"
 LOG_FIELDS = ("epoch", "lr", "steps", "train_loss", "train_l1", "train_dice", "train_ssim",
@@ -122,6 +123,8 @@ class TrainResult:
     best_model_path: str
     last_checkpoint_path: str
     seconds: float
+    #: The trained network as it is after the last epoch (unwrapped from DDP, on its device).
+    model: MSIDTrans | None = field(default=None, repr=False)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -344,6 +347,11 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
         history = list(ckpt["history"])
         set_rng_state(ckpt["rng"])
 
+    # RSEModule.sub2 exists only for checkpoint compatibility and is never called: keep it out of
+    # autograd so that DDP does not wait for its gradients.
+    for module in model.modules():
+        if isinstance(module, RSEModule):
+            module.sub2.requires_grad_(False)
     net: torch.nn.Module = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -448,7 +456,8 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
     return TrainResult(best_val_loss=best_val, best_epoch=best_epoch,
                        epochs_run=len(history), stopped_early=stopped_early, history=history,
                        out_dir=str(out), best_model_path=str(out / "best_model.pt"),
-                       last_checkpoint_path=str(last_path), seconds=time.time() - t_start)
+                       last_checkpoint_path=str(last_path), seconds=time.time() - t_start,
+                       model=model)
 
 
 @torch.no_grad()
