@@ -4,8 +4,8 @@
 
 ``ROOT`` holds ``sourceA/`` and ``sourceB/`` (and optionally ``groundtruth/``, used when
 ``--groundtruth`` is not given). Every metric of :mod:`msidtrans_fast.metrics` is computed per image
-and averaged; SSIM and PSNR are added when a ground truth is present. ``--baseline`` also fuses every
-pair with :func:`laplacian_energy_fuse` and scores it the same way.
+and averaged; SSIM and PSNR are added when a ground truth is present. ``--baseline`` also fuses
+every pair with :func:`laplacian_energy_fuse` and scores it the same way.
 
 File matching: in each folder the image files (``.png .jpg .jpeg .bmp .tif .tiff .webp``, any case;
 hidden and other files are ignored, and so are ``*-dm.*`` decision maps in the fused folder) are
@@ -49,14 +49,15 @@ BASELINE_WINDOW = 15
 BASELINE_THRESHOLD = 0.001
 
 #: An image identical to its ground truth has an infinite PSNR (reported per image as ``inf``, or
-#: null in JSON); means count it as this many dB, so one perfect image does not make a mean infinite.
+#: null in JSON); means count it as this many dB, so one perfect image does not make a mean
+#: infinite.
 PSNR_CAP = 100.0
 
 PROG = "msidtrans-eval"
 
 
 class EvaluationError(ValueError):
-    """Bad evaluation input (missing folder, count mismatch, size mismatch); the message says which."""
+    """Bad evaluation input (missing folder, count or size mismatch); the message says which."""
 
 
 # ------------------------------------------------------------------------------------ baseline
@@ -182,7 +183,7 @@ def check_source_pairs(files_a: list[Path], files_b: list[Path]) -> None:
     if None in nums_a or None in nums_b or len(set(nums_a)) != len(nums_a) \
             or len(set(nums_b)) != len(nums_b):
         return
-    for pa, pb, na, nb in zip(files_a, files_b, nums_a, nums_b):
+    for pa, pb, na, nb in zip(files_a, files_b, nums_a, nums_b, strict=True):
         if nb - na != nums_b[0] - nums_a[0]:
             raise EvaluationError(f"{pb.name} does not line up with {pa.name} (sourceA and "
                                   f"sourceB pair by sorted name)")
@@ -207,13 +208,14 @@ def match_files(names: list[str], files_a: list[Path], files: list[Path], what: 
     by_stem: dict[str, Path] = {}
     for p in files:
         by_stem.setdefault(p.stem.lower(), p)
-    named = [by_stem.get(n.lower()) or by_stem.get(a.stem.lower()) for n, a in zip(names, files_a)]
+    named = [by_stem.get(n.lower()) or by_stem.get(a.stem.lower())
+             for n, a in zip(names, files_a, strict=True)]
     if all(named) and len(set(named)) == len(named):
         return named
     ordered = sorted(files, key=lambda p: _natural_key(p.name))
     nums = [_last_number(p.stem) for p in ordered]
     if None not in nums and len(set(nums)) == len(nums):
-        for k, (p, v) in enumerate(zip(ordered, nums)):
+        for k, (p, v) in enumerate(zip(ordered, nums, strict=True)):
             if v != nums[0] + k:
                 raise EvaluationError(f"{what} files do not line up with the sources: {p.name} "
                                       f"is number {v}, expected {nums[0] + k} (a file is missing "
@@ -270,7 +272,7 @@ def evaluate(sources: str | Path, fused: str | Path | None = None,
     files_a = list_images(root / "sourceA", "sourceA")
     files_b = list_images(root / "sourceB", "sourceB")
     check_source_pairs(files_a, files_b)
-    pair_names = [_pair_name(pa, pb) for pa, pb in zip(files_a, files_b)]
+    pair_names = [_pair_name(pa, pb) for pa, pb in zip(files_a, files_b, strict=True)]
     gt_dir = Path(groundtruth) if groundtruth is not None else root / "groundtruth"
     files_gt = None
     if groundtruth is not None or gt_dir.is_dir():
@@ -290,7 +292,7 @@ def evaluate(sources: str | Path, fused: str | Path | None = None,
     if baseline:
         methods["baseline"] = {"method": "energy of Laplacian", "window": window,
                                "threshold": threshold, "images": []}
-    for i, (pa, pb) in enumerate(zip(files_a, files_b)):
+    for i, (pa, pb) in enumerate(zip(files_a, files_b, strict=True)):
         paths = {"source_a": pa, "source_b": pb}
         if files_f is not None:
             paths["fused"] = files_f[i]

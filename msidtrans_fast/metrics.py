@@ -307,7 +307,8 @@ def mutual_information(x, y) -> tuple[float, float, float]:
     qx = _quantise(to_luminance(x, "x"))
     qy = _quantise(to_luminance(y, "y"))
     if qx.shape != qy.shape:
-        raise ValueError(f"x and y must have the same height and width, got {qx.shape} and {qy.shape}")
+        raise ValueError(f"x and y must have the same height and width, got {qx.shape} and "
+                         f"{qy.shape}")
     joint = np.bincount((qx * 256 + qy).ravel(), minlength=256 * 256).reshape(256, 256)
     hx, hy, hxy = _entropy(joint.sum(1)), _entropy(joint.sum(0)), _entropy(joint.ravel())
     return max(hx + hy - hxy, 0.0), hx, hy
@@ -406,7 +407,7 @@ def ssim(x, ref) -> float:
     if min(xs.shape[1:]) < 11:
         raise ValueError(f"ssim needs at least 11x11 pixels, got {xs.shape[1:]}")
     window = _gaussian_1d(11, 1.5)
-    return float(np.mean([_ssim_maps(c, r, window)[0].mean() for c, r in zip(xs, rs)]))
+    return float(np.mean([_ssim_maps(c, r, window)[0].mean() for c, r in zip(xs, rs, strict=True)]))
 
 
 def psnr(x, ref) -> float:

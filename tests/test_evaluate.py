@@ -8,11 +8,10 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, shared_path
 
 from msidtrans_fast import evaluate as ev
 from msidtrans_fast import metrics as m
-
-from conftest import REPO_ROOT, shared_path
 
 Image = pytest.importorskip("PIL.Image")
 ndimage = pytest.importorskip("scipy.ndimage")
@@ -239,7 +238,7 @@ def test_matching_on_the_published_names():
     files_a = ev.list_images(root / "sourceA", "sourceA")
     files_b = ev.list_images(root / "sourceB", "sourceB")
     ev.check_source_pairs(files_a, files_b)
-    names = [ev._pair_name(a, b) for a, b in zip(files_a, files_b)]
+    names = [ev._pair_name(a, b) for a, b in zip(files_a, files_b, strict=True)]
     assert names[:2] == ["mffw_01", "mffw_02"]
     files_f = ev.match_files(names, files_a,
                              ev.list_images(root / "published_msidtrans", "fused"), "fused")

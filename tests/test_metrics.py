@@ -259,7 +259,8 @@ def test_luminance_and_colour():
     assert np.array_equal(m.to_luminance(rgb), g.astype(float))
     col = np.stack([g, 255 - g, g // 2], -1)
     y = m.to_luminance(col)
-    assert y[3, 4] == pytest.approx(0.299 * g[3, 4] + 0.587 * (255 - g[3, 4]) + 0.114 * (g[3, 4] // 2))
+    v = float(g[3, 4])
+    assert y[3, 4] == pytest.approx(0.299 * v + 0.587 * (255 - v) + 0.114 * (g[3, 4] // 2))
     # A grayscale pair scores the same against a fused gray image and its RGB copy.
     _, a, b = multifocus_pair()
     f = to_uint8(np.where(np.arange(64) < 32, a, b))
