@@ -276,12 +276,13 @@ def _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, std
     from tqdm import tqdm
 
     from . import io as mio
-    from .pipeline import decision_map_image, fuse_with_progress
+    from .pipeline import decision_map_image, fuse_with_progress, stack_runs
 
     start = time.perf_counter()
     stack = len(jobs) == 1 and len(jobs[0].sources) > 2
-    bar = tqdm(total=len(jobs[0].sources) - 1 if stack else len(jobs), unit="pair" if stack else
-               "image", disable=args.quiet or (len(jobs) == 1 and not stack), file=stderr,
+    bar = tqdm(total=stack_runs(len(jobs[0].sources)) if stack else len(jobs),
+               unit="pair" if stack else "image",
+               disable=args.quiet or (len(jobs) == 1 and not stack), file=stderr,
                dynamic_ncols=True)
     job = jobs[0]
     try:

@@ -150,19 +150,35 @@ def test_mixed_gray_and_rgb_give_rgb(contrast_model):
     np.testing.assert_array_equal(fused, expected)
 
 
-def test_stack_folds_pairwise(contrast_model):
+def test_stack_votes_over_all_pairs(contrast_model):
     sources = [smooth_image(s) for s in (1, 2, 3, 4)]
     fused, labels = fuse(sources, model=contrast_model, return_decision_map=True)
-    running = sources[0]
-    for s in sources[1:]:
-        running = fuse([running, s], model=contrast_model)
-    np.testing.assert_array_equal(fused, running)
-    assert labels.dtype == np.int64 and labels.shape == (H, W)
-    assert len(np.unique(labels)) >= 2
+    wins = np.zeros((4, H, W), dtype=int)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            _, d = fuse([sources[i], sources[j]], model=contrast_model, return_decision_map=True)
+            wins[i] += d == 1
+            wins[j] += d == 0
+    np.testing.assert_array_equal(labels, wins.argmax(0))
+    assert labels.dtype == np.int64 and len(np.unique(labels)) >= 2
     picked = np.take_along_axis(np.stack(sources), labels[None, ..., None].repeat(3, -1), 0)[0]
     np.testing.assert_array_equal(fused, picked)
     grey = pipeline.decision_map_image(labels, 4)
     assert set(np.unique(grey)) <= {255, 170, 85, 0}
+    assert pipeline.stack_runs(4) == 6 and pipeline.stack_runs(2) == 1
+
+
+def test_large_stack_folds_pairwise(contrast_model):
+    n = pipeline.VOTE_MAX_SOURCES + 1
+    sources = [smooth_image(s, shape=(8, 10, 3)) for s in range(n)]
+    fused, labels = fuse(sources, model=contrast_model, threshold=0, return_decision_map=True)
+    running = sources[0]
+    for s in sources[1:]:
+        running = fuse([running, s], model=contrast_model, threshold=0)
+    np.testing.assert_array_equal(fused, running)
+    picked = np.take_along_axis(np.stack(sources), labels[None, ..., None].repeat(3, -1), 0)[0]
+    np.testing.assert_array_equal(fused, picked)
+    assert pipeline.stack_runs(n) == n - 1
 
 
 def test_train_mode_model_runs_in_eval_and_is_restored(contrast_weights):
