@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seeds Python's and NumPy's RNG from the worker's torch seed
-    (itself derived from the loader's seed and the worker id) and keeps each worker on one thread."""
+    (itself derived from the loader's seed and the worker id) and keeps each worker on one
+    thread."""
     del worker_id
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
@@ -118,11 +119,11 @@ class FolderPairs(Dataset):
         if crop < 1 or resize < crop:
             raise ValueError(f"need 1 <= crop <= resize, got crop={crop}, resize={resize}")
         lists = [list_images(self.root / name) for name in FOLDER_NAMES]
-        counts = {name: len(files) for name, files in zip(FOLDER_NAMES, lists)}
+        counts = {name: len(files) for name, files in zip(FOLDER_NAMES, lists, strict=True)}
         if len(set(counts.values())) != 1:
             raise ValueError(f"mismatched image counts in {self.root}: {counts}; every sub-folder "
                              "must hold one image per pair, matched by sorted file name")
-        self.files = list(zip(*lists))
+        self.files = list(zip(*lists, strict=True))
         self.resize, self.crop, self.augment, self.seed = resize, crop, augment, seed
         self.epoch = 0
 
@@ -137,7 +138,7 @@ class FolderPairs(Dataset):
         paths = self.files[index]
         size = (self.resize, self.resize)
         imgs = [load_image(p, "L" if name == "decisionmap" else "RGB").resize(size, Image.BILINEAR)
-                for p, name in zip(paths, FOLDER_NAMES)]
+                for p, name in zip(paths, FOLDER_NAMES, strict=True)]
         tensors = [_to_tensor(img) for img in imgs]
         c = self.crop
         if self.augment:
@@ -168,7 +169,9 @@ def _gaussian_kernel1d(sigma: float, radius: int) -> torch.Tensor:
 
 
 def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding. img: (c, h, w) float32; returns the same shape."""
+    """Separable Gaussian blur with reflect padding.
+
+    img: (c, h, w) float32; returns the same shape."""
     radius = max(1, min(int(math.ceil(3 * sigma)), min(img.shape[-2:]) - 1))
     k = _gaussian_kernel1d(sigma, radius)
     c = img.shape[0]
@@ -214,7 +217,7 @@ def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
             angles = np.sort(rng.uniform(0, 2 * np.pi, n))
             radii = r * rng.uniform(0.4, 1.0, n)
             pts = [(float(cx + q * np.cos(a)), float(cy + q * np.sin(a)))
-                   for a, q in zip(angles, radii)]
+                   for a, q in zip(angles, radii, strict=True)]
             draw.polygon(pts, fill=255)
     return np.asarray(img) > 127
 
@@ -306,7 +309,8 @@ class SyntheticPairs(Dataset):
             raise ValueError(f"crop must be >= 8, got {crop}")
         lo, hi = blur_sigma
         if not 0 < lo <= hi:
-            raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {blur_sigma}")
+            raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, "
+                             f"got {blur_sigma}")
         self.length, self.crop, self.seed = int(length), int(crop), int(seed)
         self.blur_sigma, self.soft_edge_prob, self.fixed = (lo, hi), soft_edge_prob, fixed
         self.epoch = 0

@@ -36,9 +36,10 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,7 +254,9 @@ def build_datasets(cfg: TrainConfig, world_size: int = 1) -> tuple[Dataset, Data
     if not val_parts:
         raise ValueError("no validation data: use val_fraction > 0 with --sharp, or --data roots "
                          "with a validate/ folder")
-    join = (lambda parts: parts[0] if len(parts) == 1 else ConcatDataset(parts))
+    def join(parts: list[Dataset]) -> Dataset:
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
     return join(train_parts), join(val_parts)
 
 
@@ -416,9 +419,10 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
             best_val, best_epoch, stale = val_means[0], epoch, 0
         else:
             stale += 1
+        terms = ("loss", "l1", "dice", "ssim")
         row = {"epoch": epoch, "lr": lr, "steps": steps,
-               **{f"train_{k}": v for k, v in zip(("loss", "l1", "dice", "ssim"), train_means)},
-               **{f"val_{k}": v for k, v in zip(("loss", "l1", "dice", "ssim"), val_means)},
+               **{f"train_{k}": v for k, v in zip(terms, train_means, strict=True)},
+               **{f"val_{k}": v for k, v in zip(terms, val_means, strict=True)},
                "best": improved, "epoch_seconds": round(time.time() - t_epoch, 3)}
         history.append(row)
         stopped_early = cfg.patience > 0 and stale >= cfg.patience
@@ -485,13 +489,32 @@ def evaluate_loss(net: torch.nn.Module, ds: Dataset, sampler: DistributedSampler
     return (sums[:4] / sums[4].clamp_min(1)).tolist()
 
 
+def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Writes the weights of ``src`` (a plain state_dict such as ``best_model.pt``, or a training
+    checkpoint) to ``dst`` as a plain state_dict with floating tensors cast to ``dtype`` (fp16 by
+    default: the bundled ``msidtrans_fast/data/msidtrans_weights.pt``, about 3.5 MB). Integer
+    entries (BatchNorm ``num_batches_tracked``) keep their dtype.
+
+    Raises:
+        ValueError: ``src`` is missing, unreadable, or not of this architecture.
+    """
+    state = _read_weights(src)
+    load_model_weights(MSIDTrans(), state, str(src))  # checks the architecture
+    out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(out, dst)
+    return dst
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="msidtrans-train",
         description="Train MSI-DTrans (original recipe: AdamW 2e-4, StepLR 0.88/epoch, batch 8, "
-                    "<= 200 epochs, early stopping after 6). Multi-GPU: torchrun --nproc_per_node N "
+                    "<= 200 epochs, early stopping after 6). Multi-GPU: "
+                    "torchrun --nproc_per_node N "
                     "-m msidtrans_fast.training ...")
     p.add_argument("--out", dest="out_dir", default=d.out_dir, help="output folder (checkpoints, "
                    f"logs; default {d.out_dir})")

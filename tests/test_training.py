@@ -227,6 +227,12 @@ def test_train_writes_logs_checkpoints_and_resumes_bit_exactly(sharp_dir, tmp_pa
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,lr,steps,train_loss")
     # best_model.pt is a plain state_dict that loads strictly into a fresh network.
     MSIDTrans().load_state_dict(torch.load(out / "best_model.pt", weights_only=True), strict=True)
+    # ... and exports to the fp16 file format of the bundled weights.
+    fp16 = training.export_weights(out / "best.pt", tmp_path / "w16.pt")
+    sd16 = torch.load(fp16, weights_only=True)
+    assert sd16["ReconstructD.0.weight"].dtype == torch.float16 and fp16.stat().st_size < 8e6
+    best = torch.load(out / "best_model.pt", weights_only=True)
+    assert torch.equal(sd16["ReconstructD.0.weight"], best["ReconstructD.0.weight"].half())
 
     training.train(_tiny_config(sharp_dir, tmp_path / "split", epochs=1))
     resumed = training.train(_tiny_config(
@@ -236,14 +242,21 @@ def test_train_writes_logs_checkpoints_and_resumes_bit_exactly(sharp_dir, tmp_pa
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert [r["val_loss"] for r in straight.history] == [r["val_loss"] for r in resumed.history]
     assert resumed.epochs_run == 2 and resumed.model is not None
 
 
-def test_early_stopping_and_checkpoint_errors(sharp_dir, tmp_path):
-    training.train(_tiny_config(sharp_dir, tmp_path / "es", epochs=1))
+def test_early_stopping_and_checkpoint_errors(sharp_dir, tmp_path, capsys):
+    # The command line, with the original recipe's optimiser settings and a tiny setting.
+    assert training.main(["--sharp", str(sharp_dir), "--out", str(tmp_path / "es"), "--epochs",
+                          "1", "--batch-size", "2", "--crop", str(CROP), "--epoch-length", "2",
+                          "--val-pairs", "2", "--val-fraction", "0.25", "--workers", "0",
+                          "--seed", "3", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["epochs_run"] == 1 and summary["best_epoch"] == 1
     # Make the best validation loss unbeatable: the run must stop `patience` epochs later.
     ckpt = torch.load(tmp_path / "es" / "last.pt", weights_only=False)
     ckpt["best_val_loss"] = -1.0
@@ -322,6 +335,8 @@ def test_ddp_two_cpu_processes_hold_identical_weights(sharp_dir, tmp_path):
         changed += int(not torch.equal(v, init[k]))
     assert changed > 100  # the step really updated the weights
     # Losses are averaged over both ranks (only the timing may differ).
-    strip = (lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h])
+    def strip(h):
+        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]
+
     assert strip(r0["history"]) == strip(r1["history"])
     assert (tmp_path / "out" / "checkpoint_epoch_001.pt").is_file()
