@@ -12,6 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .model import MSIDTrans
@@ -82,9 +83,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[name]
 
 
+_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+                  type(np.dtype(np.uint32))]
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Reads a checkpoint: a plain state_dict (as the original saves it) or a dict with a
-    ``"model"`` entry holding one. Tensors stay on the CPU in their stored dtype.
+    ``"model"`` entry holding one (as ``msidtrans-train`` saves it, with optimizer and RNG states
+    beside it). Tensors stay on the CPU in their stored dtype. The file is read with
+    ``weights_only=True`` (no code from it runs).
 
     Raises:
         FileNotFoundError: no such file.
@@ -94,7 +101,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: no code runs from the file. Training checkpoints also hold numpy RNG
+        # states, so numpy's plain array reconstruction is allowed too.
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
         raise ValueError(f"cannot read weights file {path}: not a PyTorch checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e

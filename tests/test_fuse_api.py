@@ -230,7 +230,8 @@ def test_load_model_checkpoint_formats_and_errors(tmp_path, contrast_weights):
     state = torch.load(contrast_weights, weights_only=True)
     wrapped = tmp_path / "wrapped.ckpt"
     torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
-                "epoch": 3}, wrapped)
+                "epoch": 3,  # and RNG states, as msidtrans-train saves it
+                "rng": {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}}, wrapped)
     model = weights.load_model(wrapped, "cpu")
     assert not model.training and next(model.parameters()).dtype == torch.float32
     assert torch.equal(model.state_dict()["ReconstructD.0.bias"],
