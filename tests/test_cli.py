@@ -210,3 +210,28 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(tree, tmp_path, cap
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before, "bad input must not create or change any file"
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_out_of_memory_is_detected_or_caught(tree, tmp_path, monkeypatch, capsys):
+    from msidtrans_fast import cli
+
+    # before running: a CUDA device reporting too little free memory refuses the size
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**34))
+    with pytest.raises(MemoryError, match="GiB"):
+        cli._check_memory(torch.device("cuda"), torch.float32, (4000, 3000), sys.stderr)
+    cli._check_memory(torch.device("cuda"), torch.float32, (24, 32), sys.stderr)
+    advice = cli._oom_advice(torch.device("cuda"), torch.float32, (3000, 4000))
+    assert "--dtype" in advice and "--device cpu" in advice and "4000x3000" in advice
+
+    # while running: the error is caught, reported in one line with advice, exit code 1
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(pipeline, "fuse_with_progress", out_of_memory)
+    a, b = tree["paths"]["rgb8"]
+    code = main([str(a), str(b), "-o", str(tmp_path / "f.png"), "--weights",
+                 str(tree["weights"])])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "out of memory" in err and "--dtype" in err and "Traceback" not in err
+    assert not (tmp_path / "f.png").exists()
