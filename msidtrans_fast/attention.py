@@ -66,6 +66,34 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Sequence[
     return _check_perm(perm), (h, w)
 
 
+# The launchers as torch.library custom ops (with fake kernels), so that torch.compile and
+# torch.library.opcheck can trace them; the autograd Function below calls them.
+@torch.library.custom_op("msidtrans_fast::msa_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: list[int], height: int,
+                width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels.msa_attention_forward(q, k, v, perm, (height, width))
+
+
+@_forward_op.register_fake
+def _(q, k, v, perm, height, width):
+    b, groups, d, n_q = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((b, groups * d, height, width)), q.new_empty((b, groups, n_q),
+                                                                    dtype=lse_dtype)
+
+
+@torch.library.custom_op("msidtrans_fast::msa_attention_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, perm: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels.msa_attention_backward(grad_out, q, k, v, out, lse, perm)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, perm):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 class MultiScaleAttentionFunction(torch.autograd.Function):
     """Autograd Function of :func:`msa_attention`; saves q, k, v, the output and the fp32
     log-sum-exp only when an input needs a gradient (backward recomputes the probabilities)."""
@@ -73,7 +101,7 @@ class MultiScaleAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, q, k, v, perm, out_hw):
-        out, lse = _kernels.msa_attention_forward(q, k, v, perm, out_hw)
+        out, lse = _forward_op(q, k, v, list(perm), *out_hw)
         ctx.perm = perm
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(q, k, v, out, lse)
@@ -86,7 +114,7 @@ class MultiScaleAttentionFunction(torch.autograd.Function):
         w = grad_out.shape[-1]
         if grad_out.stride(-1) != 1 or grad_out.stride(-2) != w:
             grad_out = grad_out.contiguous()  # the kernels need pixels contiguous per channel
-        dq, dk, dv = _kernels.msa_attention_backward(grad_out, q, k, v, out, lse, ctx.perm)
+        dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, list(ctx.perm))
         needs = ctx.needs_input_grad
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
                 None, None)

@@ -31,6 +31,34 @@ from . import reference
 from .kernels import token_embedding as _kernels
 
 
+# The launchers as torch.library custom ops (with fake kernels), so that torch.compile and
+# torch.library.opcheck can trace them; the autograd Function below calls them.
+@torch.library.custom_op("msidtrans_fast::ln_dwconv_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
+                stride: int) -> torch.Tensor:
+    return _kernels.ln_dwconv_forward(x, g, b, weight, stride)
+
+
+@_forward_op.register_fake
+def _(x, g, b, weight, stride):
+    n, c, h, w = x.shape
+    n_out = _kernels.out_size(h, stride) * _kernels.out_size(w, stride)
+    return x.new_empty((n, _kernels.SCALES, c, n_out))
+
+
+@torch.library.custom_op("msidtrans_fast::ln_dwconv_backward", mutates_args=())
+def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
+                 weight: torch.Tensor, stride: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels.ln_dwconv_backward(grad_y, x, g, b, weight, stride)
+
+
+@_backward_op.register_fake
+def _(grad_y, x, g, b, weight, stride):
+    return (x.new_empty(x.shape), g.new_empty(g.shape), b.new_empty(b.shape),
+            weight.new_empty(weight.shape))
+
+
 class LnDwConvFunction(torch.autograd.Function):
     """Autograd Function of :func:`ln_dwconv`; saves only its inputs (the backward recomputes the
     normalised input and its statistics)."""
@@ -38,7 +66,7 @@ class LnDwConvFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, g, b, weight, stride):
-        y = _kernels.ln_dwconv_forward(x, g, b, weight, stride)
+        y = _forward_op(x, g, b, weight, stride)
         ctx.stride = stride
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(x, g, b, weight)
@@ -49,7 +77,7 @@ class LnDwConvFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, g, b, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()  # the kernels read (b, 3, C, N) contiguous
-        dx, dg, db, dw = _kernels.ln_dwconv_backward(grad_y, x, g, b, weight, ctx.stride)
+        dx, dg, db, dw = _backward_op(grad_y, x, g, b, weight, ctx.stride)
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, dg if needs[1] else None, db if needs[2] else None,
                 dw if needs[3] else None, None)

@@ -174,3 +174,30 @@ def test_deterministic_gpu():
         if first is None:
             first = result
         assert all(torch.equal(a, r) for a, r in zip(result, first, strict=True))
+
+
+def test_custom_ops_opcheck():
+    """The launchers' torch.library ops: schema, fake kernels (shapes, strides), tracing."""
+    q, k, v = _inputs(2, 48, 5, 7, 2)
+    perm = [2, 0, 1]
+    ops = torch.ops.msidtrans_fast
+    torch.library.opcheck(ops.msa_attention_forward, (q, k, v, perm, 5, 7))
+    out, lse = ops.msa_attention_forward(q, k, v, perm, 5, 7)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(ops.msa_attention_backward, (grad, q, k, v, out, lse, perm))
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile traces the Function and its custom ops without graph breaks."""
+    q, k, v = (t.requires_grad_() for t in (t.clone() for t in _inputs(1, 32, 5, 7, 2)))
+
+    def attend(q_, k_, v_):
+        return msa_attention(q_, k_, v_, (2, 0, 1), (5, 7))
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    out, ref = compiled(q, k, v), attend(q, k, v)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad), strict=True):
+        assert torch.equal(a, r)

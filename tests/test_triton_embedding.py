@@ -161,3 +161,13 @@ def test_ln_dwconv_low_precision_gpu(dtype):
     ours = ln_dwconv(*lowp, 1)
     bound = LOWP_FACTOR * (torch_lowp.float() - ref).abs().max().item() + LOWP_FLOOR[dtype]
     assert (ours.float() - ref).abs().max().item() <= bound
+
+
+def test_custom_ops_opcheck():
+    """The launchers' torch.library ops: schema, fake kernels (shapes, strides), tracing."""
+    x = torch.randn(2, 48, 5, 3)
+    g, b, w = (t.detach() for t in _params(48))
+    ops = torch.ops.msidtrans_fast
+    torch.library.opcheck(ops.ln_dwconv_forward, (x, g, b, w, 2))
+    y = ops.ln_dwconv_forward(x, g, b, w, 2)
+    torch.library.opcheck(ops.ln_dwconv_backward, (torch.randn_like(y), x, g, b, w, 2))
