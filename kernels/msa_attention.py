@@ -255,16 +255,26 @@ def _msa_bwd_dq_kernel(
 
 # ------------------------------------------------------------------------------------ launchers
 
-def _config(dtype: torch.dtype, head_dim: int, forward: bool) -> tuple[dict, dict]:
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _config(dtype: torch.dtype, head_dim: int, forward: bool,
+            programs_if_wide: int = 0, num_sms: int = 0) -> tuple[dict, dict]:
     """``(constexprs, launch options)`` for one dtype / head size / direction.
 
     Untuned starting points (no GPU was available to tune them): 16-bit forward uses 128-query
-    tiles with 8 warps, as the Triton fused-attention tutorial does on Hopper; fp32 and the
-    backward kernels, which hold more fp32 tiles per program, use 64 x 64 tiles and 4 warps.
+    tiles with 8 warps, as the Triton fused-attention tutorial does on Hopper, unless that would
+    leave streaming multiprocessors idle (``programs_if_wide < num_sms``: t0 of a 520x520 input
+    has 27 such tiles); fp32 and the backward kernels, which hold more fp32 tiles per program,
+    use 64 x 64 tiles and 4 warps.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    wide = forward and dtype in (torch.float16, torch.bfloat16)
+    wide = (forward and dtype in (torch.float16, torch.bfloat16)
+            and programs_if_wide >= num_sms)
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128 if wide else 64, "BLOCK_N": 64,
               "BLOCK_D": block_d, "ACC_DTYPE": acc, "PRECISION": "ieee"}
     return consts, {"num_warps": 8 if wide else 4, "num_stages": 3 if wide else 2}
@@ -297,7 +307,9 @@ def msa_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per
     n_k = k.shape[-1]
     out = torch.empty((b, GROUPS * d, *out_hw), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, GROUPS, n_q), device=q.device, dtype=_acc_torch_dtype(q.dtype))
-    cfg, opts = _config(q.dtype, d, forward=True)
+    cfg, opts = _config(q.dtype, d, forward=True,
+                        programs_if_wide=triton.cdiv(n_q, 128) * b * GROUPS,
+                        num_sms=_num_sms(q.device))
     grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), b * GROUPS)
     _msa_fwd_kernel[grid](
         q, k, v, out, lse,
