@@ -26,6 +26,7 @@ source pixel, and the map of which source it came from is returned.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -272,7 +273,7 @@ def fuse_with_progress(images, *, model=None, weights=None, device=None, dtype=N
     images = list(images)
     names = [str(x) if isinstance(x, (str, os.PathLike)) else f"source {i}"
              for i, x in enumerate(images)]
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not (
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not (
             0 <= threshold < 1):
         raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}")
     arrays = [as_source_array(x, n) for x, n in zip(images, names, strict=True)]
