@@ -12,7 +12,7 @@ PACKAGE_DIR = {"msidtrans_fast": "msidtrans_fast", "msidtrans_fast.kernels": "ke
 
 
 def extension_modules():
-    """The compiled extension and the build command that builds it (see csrc/README.md).
+    """The compiled extension and the build command that builds it (README.md, "Building").
 
     The C++ CPU part is always built. The CUDA kernels (csrc/*.cu) are added when torch is a CUDA
     build and nvcc is found, or when FORCE_CUDA=1. TORCH_CUDA_ARCH_LIST picks the architectures
