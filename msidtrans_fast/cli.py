@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ PROG = "msidtrans-fuse"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_SOURCES = (DATA_DIR / "sample_near.png", DATA_DIR / "sample_far.png")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+IO_THREADS = 2  # background threads decoding and encoding images while the network runs
 
 EPILOG = """\
 examples:
@@ -271,12 +274,47 @@ def run(args, stdout, stderr) -> int:
     return code
 
 
+class _InlineExecutor:
+    """Runs submitted calls at once, in the caller's thread (``IO_THREADS = 0``)."""
+
+    def submit(self, fn, *args):
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:  # delivered through result(), as a thread pool does
+            future.set_exception(e)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _read_job(job: Job) -> list:
+    from . import io as mio
+
+    return job.arrays or [mio.read_image(s) for s in job.sources]
+
+
+def _write_job(job: Job, fused, dm, num_sources: int, overwrite: bool) -> None:
+    from . import io as mio
+    from .pipeline import decision_map_image
+
+    mio.write_image(job.output, fused, overwrite=overwrite)
+    if job.dm_output is not None:
+        mio.write_image(job.dm_output, decision_map_image(dm, num_sources), overwrite=overwrite)
+
+
 def _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, stderr) -> int:
+    """Fuses every job in order. With ``IO_THREADS > 0`` the next job's sources are decoded and
+    the finished outputs encoded in background threads while the network runs (decoders,
+    encoders and torch release the GIL), at most two outputs waiting to be written."""
     import torch
     from tqdm import tqdm
 
-    from . import io as mio
-    from .pipeline import decision_map_image, fuse_with_progress, stack_runs
+    from .pipeline import fuse_with_progress, stack_runs
 
     start = time.perf_counter()
     stack = len(jobs) == 1 and len(jobs[0].sources) > 2
@@ -284,33 +322,48 @@ def _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, std
                unit="pair" if stack else "image",
                disable=args.quiet or (len(jobs) == 1 and not stack), file=stderr,
                dynamic_ncols=True)
-    job = jobs[0]
-    try:
-        for job in jobs:
-            arrays = job.arrays or [mio.read_image(s) for s in job.sources]
-            _check_memory(device, dtype, arrays[0].shape[:2], stderr)
-            fused, dm = fuse_with_progress(arrays, model=model, threshold=threshold,
-                                           return_decision_map=True,
-                                           progress=bar.update if stack else None)
-            mio.write_image(job.output, fused, overwrite=args.overwrite)
-            if job.dm_output is not None:
-                mio.write_image(job.dm_output, decision_map_image(dm, len(arrays)),
-                                overwrite=args.overwrite)
-            if not stack:
-                bar.update()
-    except Exception as e:
-        bar.close()
-        if _is_oom(e):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            print(f"{PROG}: error: {_oom_advice(device, dtype, arrays[0].shape[:2])} "
-                  f"({job.sources[0]})", file=stderr)
-            return EXIT_FAILED
-        if isinstance(e, RuntimeError):
-            print(f"{PROG}: error: fusing {job.sources[0]} failed on {device} in "
-                  f"{str(dtype)[6:]}: {str(e).splitlines()[0]}", file=stderr)
-            return EXIT_FAILED
-        raise
+    job, shape = jobs[0], None
+    pool = (ThreadPoolExecutor(IO_THREADS, thread_name_prefix="msidtrans-io") if IO_THREADS > 0
+            else _InlineExecutor())
+    with pool:
+        writes: deque[Future] = deque()
+        try:
+            next_read = pool.submit(_read_job, jobs[0])
+            for i, job in enumerate(jobs):
+                arrays = next_read.result()
+                if i + 1 < len(jobs):
+                    next_read = pool.submit(_read_job, jobs[i + 1])
+                shape = arrays[0].shape[:2]
+                _check_memory(device, dtype, shape, stderr)
+                fused, dm = fuse_with_progress(arrays, model=model, threshold=threshold,
+                                               return_decision_map=True,
+                                               progress=bar.update if stack else None)
+                writes.append(pool.submit(_write_job, job, fused, dm, len(arrays),
+                                          args.overwrite))
+                while len(writes) > 2 or (writes and writes[0].done()):
+                    writes.popleft().result()
+                if not stack:
+                    bar.update()
+            while writes:
+                writes.popleft().result()
+        except Exception as e:
+            bar.close()
+            for write in writes:
+                write.cancel()
+            if _is_oom(e):
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"{PROG}: error: {_oom_advice(device, dtype, shape or (0, 0))} "
+                      f"({job.sources[0]})", file=stderr)
+                return EXIT_FAILED
+            if isinstance(e, OSError):
+                print(f"{PROG}: error: reading or writing failed: {e}", file=stderr)
+                return EXIT_FAILED
+            if isinstance(e, RuntimeError):
+                print(f"{PROG}: error: fusing {job.sources[0]} failed on {device} in "
+                      f"{str(dtype)[6:]}: {str(e).splitlines()[0]}", file=stderr)
+                return EXIT_FAILED
+            raise
     bar.close()
     elapsed = time.perf_counter() - start
     if not args.quiet:

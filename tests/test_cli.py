@@ -239,3 +239,39 @@ def test_out_of_memory_is_detected_or_caught(tree, tmp_path, monkeypatch, capsys
     assert code == 1
     assert "out of memory" in err and "--dtype" in err and "Traceback" not in err
     assert not (tmp_path / "f.png").exists()
+
+
+def test_dataset_outputs_do_not_depend_on_background_io(tree, tmp_path, monkeypatch, capsys):
+    from msidtrans_fast import cli
+
+    outputs = {}
+    for threads in (0, 2):
+        monkeypatch.setattr(cli, "IO_THREADS", threads)
+        out = tmp_path / f"threads{threads}"
+        assert main(["--dataset", str(tree["dataset"]), "-o", str(out), "--weights",
+                     str(tree["weights"]), "--save-decision-map", "--quiet"]) == 0
+        outputs[threads] = {p.name: io.read_image(p) for p in sorted(out.iterdir())}
+    assert list(outputs[0]) == ["MyData-01-dm.png", "MyData-01.png", "MyData-02-dm.png",
+                                "MyData-02.png"]
+    assert list(outputs[0]) == list(outputs[2])
+    for name, image in outputs[0].items():
+        np.testing.assert_array_equal(image, outputs[2][name])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_write_failure_is_one_line_and_exit_1(tree, tmp_path, monkeypatch, capsys, threads):
+    from msidtrans_fast import cli
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "IO_THREADS", threads)
+    monkeypatch.setattr(cli, "_write_job", disk_full)
+    out = tmp_path / "out"
+    code = main(["--dataset", str(tree["dataset"]), "-o", str(out), "--weights",
+                 str(tree["weights"]), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
