@@ -8,7 +8,7 @@ Fused backends register themselves with :func:`register_backend` when their modu
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import backends
-from .modules import (Conv3x3Block, Downsample, FSEModule, MSSEModule, RSEModule, Transformer,
-                      Upsample, conv_bn, conv_bn_mish, Permutation)
+from .modules import (
+    Conv3x3Block,
+    Downsample,
+    FSEModule,
+    MSSEModule,
+    Permutation,
+    RSEModule,
+    Transformer,
+    Upsample,
+    conv_bn,
+    conv_bn_mish,
+)
 
 #: Number of attention calls per forward, in the original's order: t0 layer 0, t0 layer 1, tu1, tu2.
 NUM_ATTENTION_CALLS = 4

@@ -10,7 +10,7 @@ Every module takes and returns NCHW tensors.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -342,7 +342,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, perms: Sequence[Permutation]) -> torch.Tensor:
         if len(perms) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} permutations, got {len(perms)}")
-        for (attention, feed_forward), perm in zip(self.layers, perms):
+        for (attention, feed_forward), perm in zip(self.layers, perms, strict=True):
             x = attention(x, perm) + x
             x = feed_forward(x) + x
         return x

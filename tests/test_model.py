@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import pywt
 import torch
-
 from conftest import SHARED, TESTS_DIR
+
 from msidtrans_fast import MSIDTrans, Network, reference
 from msidtrans_fast.modules import HaarSplit
 
@@ -70,14 +70,15 @@ def test_golden_parity_every_module_and_decision_map(golden, golden_model, case_
     torch.testing.assert_close(D, case["D"], atol=GOLDEN_ATOL, rtol=0)
     assert set(case["modules"]) <= set(captured), set(case["modules"]) - set(captured)
     for name, expected in case["modules"].items():
-        for got, want in zip(_as_list(captured[name]), _as_list(expected)):
+        for got, want in zip(_as_list(captured[name]), _as_list(expected), strict=True):
             torch.testing.assert_close(got, want, atol=GOLDEN_ATOL, rtol=0, msg=name)
 
 
 def test_golden_parity_encoder_unused_output_against_shared_fixture(golden_model):
     path = SHARED / "fixtures" / "golden_forward.pt"
     if not path.exists():
-        pytest.skip(f"{path} is absent: the full fixture (with Encoder1's third output) lives there")
+        pytest.skip(f"{path} is absent: the full fixture (with Encoder1's third output) "
+                    "lives there")
     _, cases = _load_golden(path)
     for case in cases:
         _, captured = _capture_module_outputs(golden_model, case["A"], case["B"], case["q_perms"])
@@ -150,7 +151,7 @@ def test_haar_split_detach_option_cuts_the_graph():
 # ------------------------------------------------------------------------------ training behaviour
 def _pair(b, h, w, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 3, h, w, generator=gen) * 2 - 1, torch.rand(b, 3, h, w, generator=gen) * 2 - 1
+    return tuple(torch.rand(b, 3, h, w, generator=gen) * 2 - 1 for _ in range(2))
 
 
 def test_every_parameter_but_unused_sub2_gets_a_gradient_in_training():
