@@ -265,19 +265,24 @@ def _config(dtype: torch.dtype, head_dim: int, forward: bool,
             programs_if_wide: int = 0, num_sms: int = 0) -> tuple[dict, dict]:
     """``(constexprs, launch options)`` for one dtype / head size / direction.
 
-    Untuned starting points (no GPU was available to tune them): 16-bit forward uses 128-query
-    tiles with 8 warps, as the Triton fused-attention tutorial does on Hopper, unless that would
-    leave streaming multiprocessors idle (``programs_if_wide < num_sms``: t0 of a 520x520 input
-    has 27 such tiles); fp32 and the backward kernels, which hold more fp32 tiles per program,
-    use 64 x 64 tiles and 4 warps.
+    Untuned starting points (no GPU was available to tune them), chosen so that compiled for
+    sm_90 no kernel spills registers (checked with ``tools/inspect_kernels.py``). 16-bit inputs
+    (tensor-core dots): the forward uses 128-query tiles with 8 warps, as the Triton
+    fused-attention tutorial does on Hopper, unless that would leave streaming multiprocessors
+    idle (``programs_if_wide < num_sms``: t0 of a 520x520 input has 27 such tiles); otherwise,
+    and in the backward, 64 x 64 tiles with 4 warps. fp32/fp64 (FMA dots, IEEE precision): 64 x 32
+    tiles forward and 32 x 32 backward, on 8 warps; 64 x 64 tiles on 4 warps spilled 5-11 KB per
+    thread at head sizes 48 and 64.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    wide = (forward and dtype in (torch.float16, torch.bfloat16)
-            and programs_if_wide >= num_sms)
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 128 if wide else 64, "BLOCK_N": 64,
-              "BLOCK_D": block_d, "ACC_DTYPE": acc, "PRECISION": "ieee"}
-    return consts, {"num_warps": 8 if wide else 4, "num_stages": 3 if wide else 2}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "ACC_DTYPE": acc, "PRECISION": "ieee"}
+    if dtype in (torch.float16, torch.bfloat16):
+        wide = forward and programs_if_wide >= num_sms
+        consts.update(BLOCK_M=128 if wide else 64, BLOCK_N=64)
+        return consts, {"num_warps": 8 if wide else 4, "num_stages": 3 if wide else 2}
+    consts.update(BLOCK_M=64 if forward else 32, BLOCK_N=32)
+    return consts, {"num_warps": 8, "num_stages": 2}
 
 
 def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:

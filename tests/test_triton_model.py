@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import requires_cuda
-from tolerances import LOWP_FACTOR, MODEL_GRAD_FLOOR, MODEL_REL, rel_err
+from tolerances import LOWP_FACTOR, MODEL_GRAD_FLOOR, MODEL_REL, ZERO_GRAD_REL, rel_err
 
 import msidtrans_fast
 from msidtrans_fast import MSIDTrans, backends, modules
@@ -81,6 +81,20 @@ def test_import_survives_a_missing_triton():
     assert result.returncode == 0, result.stderr
 
 
+def _biases_before_batchnorm(model: torch.nn.Module) -> set[str]:
+    """Names of the convolution biases that feed a BatchNorm directly (true gradient 0 in train
+    mode)."""
+    names = set()
+    for seq_name, seq in model.named_modules():
+        if isinstance(seq, torch.nn.Sequential):
+            children = list(seq.named_children())
+            for (name, conv), (_, norm) in zip(children, children[1:], strict=False):
+                if (isinstance(conv, torch.nn.Conv2d) and conv.bias is not None
+                        and isinstance(norm, torch.nn.BatchNorm2d)):
+                    names.add(f"{seq_name}.{name}.bias")
+    return names
+
+
 def test_train_step_matches_reference(monkeypatch):
     """Train mode, batch 2, 13x11: output, every parameter's gradient, BatchNorm buffers."""
     if triton_backend.can_run(torch.device("cpu")) is not None:
@@ -109,9 +123,15 @@ def test_train_step_matches_reference(monkeypatch):
     largest = max(p.grad.abs().max().item() for p in ref_model.parameters()
                   if p.grad is not None)
     checked = 0
+    zero_grad = _biases_before_batchnorm(model)
+    assert len(zero_grad) > 20
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         assert (p.grad is None) == (p_ref.grad is None), name
-        if p_ref.grad is not None:
+        if p_ref.grad is not None and name in zero_grad:
+            for g in (p.grad, p_ref.grad):
+                assert g.abs().max().item() <= ZERO_GRAD_REL * largest, name
+            checked += 1
+        elif p_ref.grad is not None:
             scale = max(p_ref.grad.abs().max().item(), MODEL_GRAD_FLOOR * largest)
             assert (p.grad - p_ref.grad).abs().max().item() <= MODEL_REL * scale, name
             checked += 1
