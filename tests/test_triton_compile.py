@@ -57,11 +57,12 @@ SCRIPT = textwrap.dedent("""
               {"num_warps": 4})
     cfg = E._config(torch.empty(1, 48, 1, 1))
     p = "*fp32"
-    build(E._ln_dwconv_fwd_kernel, dict(X=p, G=p, B=p, W=p, Y=p), cfg, {"num_warps": 4})
+    build(E._ln_dwconv_fwd_kernel, dict(X=p, G=p, B=p, W=p, Y=p), cfg, {"num_warps": E.NUM_WARPS})
     build(E._ln_dwconv_bwd_input_kernel,
-          dict(X=p, G=p, B=p, W=p, DY=p, DX=p, DG_PART=p, DB_PART=p), cfg, {"num_warps": 4})
+          dict(X=p, G=p, B=p, W=p, DY=p, DX=p, DG_PART=p, DB_PART=p), cfg,
+          {"num_warps": E.NUM_WARPS})
     build(E._ln_dwconv_bwd_weight_kernel, dict(X=p, G=p, B=p, DY=p, DW_PART=p), cfg,
-          {"num_warps": 4})
+          {"num_warps": E.NUM_WARPS})
 """)
 
 
