@@ -34,8 +34,8 @@ examples:
                                                     Lytro-01.png, Lytro-01-dm.png, ...
 
 Sources may be 8- or 16-bit, grayscale or RGB (PNG, TIFF, JPEG, BMP, ...); the output keeps their
-bit depth and channels (16-bit output needs .png or .tif). Until trained weights are bundled the
-model is untrained and says so.
+bit depth and channels (16-bit output needs .png or .tif). The weights bundled with the package
+are used unless --weights is given.
 """
 
 

@@ -1,9 +1,9 @@
 """Model weights: the bundled checkpoint, checkpoint files, devices and dtypes.
 
 The bundled weights live in ``msidtrans_fast/data/msidtrans_weights.pt``: an fp16 state_dict of
-:class:`~msidtrans_fast.model.MSIDTrans` (at most 8 MB). While the package ships none,
-:func:`load_model` returns an untrained network (seeded, so results are reproducible) and warns
-with :class:`UntrainedWeightsWarning`: its fusions are not meaningful.
+:class:`~msidtrans_fast.model.MSIDTrans` (at most 8 MB, trained by the project; see MODEL_CARD.md).
+Should the file be missing, :func:`load_model` returns an untrained network (seeded, so results
+are reproducible) and warns with :class:`UntrainedWeightsWarning`: its fusions are not meaningful.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from .model import MSIDTrans
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "data" / "msidtrans_weights.pt"
-#: Seed of the untrained network used when no weights are bundled.
+#: Seed of the untrained network used when the bundled weights are missing.
 UNTRAINED_SEED = 0
 
 _DTYPES = {
@@ -29,9 +29,10 @@ _DTYPES = {
 #: dtype names accepted by :func:`resolve_dtype` and the command line.
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
-UNTRAINED_MESSAGE = ("no trained weights are bundled with this version of msidtrans_fast: the "
-                     "model is UNTRAINED (random weights), so its fused images and decision maps "
-                     "are NOT meaningful; pass trained weights with --weights / weights=")
+UNTRAINED_MESSAGE = ("the bundled weights file msidtrans_fast/data/msidtrans_weights.pt is "
+                     "missing from this installation: the model is UNTRAINED (random weights), "
+                     "so its fused images and decision maps "
+                     "are NOT meaningful; reinstall, or pass weights with --weights / weights=")
 
 
 class UntrainedWeightsWarning(UserWarning):
@@ -130,7 +131,7 @@ def load_model(weights: str | os.PathLike | None = None, device: str | torch.dev
     Args:
         weights: a checkpoint path (see :func:`load_state_dict`), loaded with ``strict=True``;
             ``None`` uses the bundled weights, or an untrained model (with an
-            :class:`UntrainedWeightsWarning`) when none are bundled.
+            :class:`UntrainedWeightsWarning`) when that file is missing.
         device: see :func:`resolve_device`. dtype: see :func:`resolve_dtype`.
 
     Raises:
