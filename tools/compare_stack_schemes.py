@@ -13,13 +13,12 @@ and the Gaussian blur of layer j grows with |j - k| (sigma = step * |j - k|), as
 Scored against the all-in-focus photo: PSNR, and the share of pixels taken from the source in
 focus there (among pixels whose layer has detail).
 
-The pairwise decider is the network (``--weights FILE``; the default bundled/untrained model is
-allowed but meaningless) or, with ``--decider focus``, a classic focus measure (9x9 sum of the
-modified Laplacian, the larger wins), followed by the same binarise + consistency check. Without
-trained weights the focus measure stands in for the network, which compares the two *combination
-schemes* on equal terms.
+The pairwise decider is the network (``--weights FILE``, default: the bundled weights) or, with
+``--decider focus``, a classic focus measure (9x9 sum of the modified Laplacian, the larger wins),
+followed by the same binarise + consistency check, which compares the two *combination schemes*
+independently of the network's quality.
 
-Usage: ``python tools/compare_stack_schemes.py --decider focus --n 3 [--limit 50]``.
+Usage: ``python tools/compare_stack_schemes.py [--decider focus] --n 4 [--limit 50]``.
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ def main() -> None:
     p.add_argument("--step", type=float, default=2.0, help="blur sigma per layer of distance")
     p.add_argument("--limit", type=int, default=50, help="number of photos")
     p.add_argument("--decider", choices=["focus", "network"], default="network")
-    p.add_argument("--weights", help="checkpoint for --decider network")
+    p.add_argument("--weights", help="weights for --decider network (default: the bundled weights)")
     p.add_argument("--device", default=None)
     p.add_argument("--threshold", type=float, default=0.001)
     args = p.parse_args()
