@@ -270,6 +270,10 @@ def split_images(paths: Sequence[Path], val_fraction: float, seed: int = 0
     return train, val
 
 
+#: RGB weights of the luma that PIL's "L" conversion (and so a grayscale image) uses.
+LUMA_601 = torch.tensor([0.299, 0.587, 0.114])
+
+
 class SyntheticPairs(Dataset):
     """Multi-focus pairs made on the fly from sharp photos.
 
@@ -277,7 +281,9 @@ class SyntheticPairs(Dataset):
 
     1. photo ``images[index % len(images)]``, rescaled so that its short side is a random length in
        ``[crop, max(crop, min(short side, 2.5 crop))]`` (antialiased), a random ``crop`` x ``crop``
-       window, random horizontal/vertical flips: GT, the all-in-focus image;
+       window, random horizontal/vertical flips: GT, the all-in-focus image; with probability
+       ``gray_prob`` GT becomes its luma (ITU-R 601) in all three channels, as a grayscale source
+       is read;
     2. a random focus mask M (smooth blobs, shapes or a near/far split; varied size and count);
        DM = M;
     3. the compositing weight W = M, or with probability ``soft_edge_prob`` M blurred with a
@@ -294,12 +300,16 @@ class SyntheticPairs(Dataset):
         length: samples per epoch.
         crop: output size (square).
         seed: base seed.
+        blur_sigma: (low, high) range of the defocus sigma in px.
+        soft_edge_prob: share of pairs with a soft focus transition.
+        gray_prob: share of grayscale pairs (0 leaves the random draws of every sample as they
+            are without the option).
         fixed: ignore ``set_epoch`` (epoch 0 always): a fixed validation set.
     """
 
     def __init__(self, images: Sequence[str | Path], length: int, crop: int = 224, seed: int = 0,
                  blur_sigma: tuple[float, float] = (0.7, 4.0), soft_edge_prob: float = 0.5,
-                 fixed: bool = False):
+                 gray_prob: float = 0.0, fixed: bool = False):
         self.images = [Path(p) for p in images]
         if not self.images:
             raise ValueError("SyntheticPairs needs at least one sharp image, got none")
@@ -311,8 +321,11 @@ class SyntheticPairs(Dataset):
         if not 0 < lo <= hi:
             raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, "
                              f"got {blur_sigma}")
+        if not 0 <= gray_prob <= 1:
+            raise ValueError(f"gray_prob must be in [0, 1], got {gray_prob}")
         self.length, self.crop, self.seed = int(length), int(crop), int(seed)
         self.blur_sigma, self.soft_edge_prob, self.fixed = (lo, hi), soft_edge_prob, fixed
+        self.gray_prob = float(gray_prob)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -355,6 +368,8 @@ class SyntheticPairs(Dataset):
             raise IndexError(f"index {index} out of range for {self.length} samples")
         rng = _sample_rng(self.seed, self.epoch, index)
         gt = self.sharp_crop(rng, self.images[index % len(self.images)])
+        if self.gray_prob > 0 and rng.random() < self.gray_prob:
+            gt = (LUMA_601 @ gt.flatten(1)).view(1, *gt.shape[1:]).expand(3, -1, -1).contiguous()
         mask = torch.from_numpy(random_focus_mask(rng, self.crop).astype(np.float32))[None]
         weight = mask
         if rng.random() < self.soft_edge_prob:

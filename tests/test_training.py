@@ -143,6 +143,27 @@ def test_synthetic_pairs_are_consistent(sharp_dir, soft):
     assert not torch.equal(again[3]["DM"], ds[3]["DM"])
 
 
+def test_synthetic_gray_pairs_are_the_luma_of_the_colour_crop(sharp_dir):
+    imgs = datasets.list_images(sharp_dir)
+    hard = dict(crop=CROP, seed=2, soft_edge_prob=0.0)  # A == GT exactly where DM == 1
+    colour = datasets.SyntheticPairs(imgs, 6, **hard)
+    gray = datasets.SyntheticPairs(imgs, 6, gray_prob=1.0, **hard)
+    for i in range(len(gray)):
+        s, c = gray[i], colour[i]
+        for key in ("A", "B", "GT"):
+            assert torch.equal(s[key][0], s[key][1]) and torch.equal(s[key][0], s[key][2])
+        # The crop is drawn before the gray choice: the same window, converted like PIL's "L".
+        luma = 0.299 * c["GT"][0] + 0.587 * c["GT"][1] + 0.114 * c["GT"][2]
+        np.testing.assert_allclose(s["GT"][0], luma, atol=1e-6)
+        m = s["DM"][0].bool()
+        np.testing.assert_allclose(s["A"][:, m], s["GT"][:, m], atol=1e-5)
+    mixed = datasets.SyntheticPairs(imgs, 40, crop=CROP, seed=2, gray_prob=0.5)
+    n_gray = sum(torch.equal(mixed[i]["GT"][0], mixed[i]["GT"][1]) for i in range(len(mixed)))
+    assert 5 <= n_gray <= 35
+    with pytest.raises(ValueError, match="gray_prob"):
+        datasets.SyntheticPairs(imgs, 1, crop=CROP, gray_prob=1.5)
+
+
 def test_validation_split_is_fixed_and_disjoint(sharp_dir):
     imgs = datasets.list_images(sharp_dir)
     train, val = datasets.split_images(imgs, 0.25, seed=0)
@@ -192,6 +213,8 @@ def test_bad_data_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no training data"):
         training.train(training.TrainConfig(out_dir=str(tmp_path / "run")))
     assert training.main(["--sharp", str(empty), "--out", str(tmp_path / "run")]) == 2
+    with pytest.raises(ValueError, match="gray_prob must be in"):
+        training.train(_tiny_config(empty, tmp_path / "run", gray_prob=-0.1))
 
 
 # ------------------------------------------------------------------------------------ training
@@ -254,7 +277,7 @@ def test_early_stopping_and_checkpoint_errors(sharp_dir, tmp_path, capsys):
     assert training.main(["--sharp", str(sharp_dir), "--out", str(tmp_path / "es"), "--epochs",
                           "1", "--batch-size", "2", "--crop", str(CROP), "--epoch-length", "2",
                           "--val-pairs", "2", "--val-fraction", "0.25", "--workers", "0",
-                          "--seed", "3", "--no-progress"]) == 0
+                          "--seed", "3", "--gray-prob", "0.5", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["epochs_run"] == 1 and summary["best_epoch"] == 1
     # Make the best validation loss unbeatable: the run must stop `patience` epochs later.
