@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .metrics import LUMA_WEIGHTS
+
 #: File name endings read as images (case-insensitive).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Sub-folders of the original layout, in the order (A, B, GT, DM).
@@ -270,10 +272,6 @@ def split_images(paths: Sequence[Path], val_fraction: float, seed: int = 0
     return train, val
 
 
-#: RGB weights of the luma that PIL's "L" conversion (and so a grayscale image) uses.
-LUMA_601 = torch.tensor([0.299, 0.587, 0.114])
-
-
 class SyntheticPairs(Dataset):
     """Multi-focus pairs made on the fly from sharp photos.
 
@@ -369,7 +367,8 @@ class SyntheticPairs(Dataset):
         rng = _sample_rng(self.seed, self.epoch, index)
         gt = self.sharp_crop(rng, self.images[index % len(self.images)])
         if self.gray_prob > 0 and rng.random() < self.gray_prob:
-            gt = (LUMA_601 @ gt.flatten(1)).view(1, *gt.shape[1:]).expand(3, -1, -1).contiguous()
+            luma = torch.tensordot(torch.tensor(LUMA_WEIGHTS), gt, dims=1)
+            gt = luma.expand(3, -1, -1).contiguous()
         mask = torch.from_numpy(random_focus_mask(rng, self.crop).astype(np.float32))[None]
         weight = mask
         if rng.random() < self.soft_edge_prob:
