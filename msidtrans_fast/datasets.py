@@ -18,6 +18,7 @@ order of loading, which makes runs reproducible and resumable bit for bit.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from collections.abc import Sequence
@@ -288,10 +289,17 @@ class SyntheticPairs(Dataset):
        Gaussian of sigma in [0.5, 3] (soft focus transition);
     4. two defocused copies of GT, each a Gaussian (sigma) or disk (radius 1.5 sigma) blur with
        sigma log-uniform in ``blur_sigma``;
-    5. ``A = W GT + (1 - W) blur_a(GT)`` and ``B = (1 - W) GT + W blur_b(GT)``.
+    5. ``A = W GT + (1 - W) blur_a(GT)`` and ``B = (1 - W) GT + W blur_b(GT)``;
+    6. with probability ``camera_prob``, what a camera adds after the lens, to both sources alike:
+       Gaussian sensor noise (one std, uniform in [0, ``noise_std``], independent draws for A and
+       B), rounding to 8 bits, and for half of these pairs JPEG compression of A and B (one quality,
+       70-95). GT takes the same changes where each source is sharp:
+       ``GT += W (A' - A) + (1 - W) (B' - B)``.
 
     So A equals GT where W = 1 (DM = 1 away from soft edges), B equals GT where W = 0, and each is
-    defocused elsewhere.
+    defocused elsewhere. Step 6 removes a cue real pairs lack: without it the defocused side is
+    free of the noise and compression artefacts of the sharp photo, while in real pairs both
+    sources carry the same noise in flat areas.
 
     Args:
         images: paths of sharp photos (e.g. from :func:`list_images` / :func:`split_images`).
@@ -302,12 +310,15 @@ class SyntheticPairs(Dataset):
         soft_edge_prob: share of pairs with a soft focus transition.
         gray_prob: share of grayscale pairs (0 leaves the random draws of every sample as they
             are without the option).
+        camera_prob: share of pairs given step 6 (0, likewise, changes no draw).
+        noise_std: the largest sensor-noise std of step 6, in units of the [0, 1] range.
         fixed: ignore ``set_epoch`` (epoch 0 always): a fixed validation set.
     """
 
     def __init__(self, images: Sequence[str | Path], length: int, crop: int = 224, seed: int = 0,
                  blur_sigma: tuple[float, float] = (0.7, 4.0), soft_edge_prob: float = 0.5,
-                 gray_prob: float = 0.0, fixed: bool = False):
+                 gray_prob: float = 0.0, camera_prob: float = 0.0, noise_std: float = 2.5 / 255,
+                 fixed: bool = False):
         self.images = [Path(p) for p in images]
         if not self.images:
             raise ValueError("SyntheticPairs needs at least one sharp image, got none")
@@ -321,9 +332,14 @@ class SyntheticPairs(Dataset):
                              f"got {blur_sigma}")
         if not 0 <= gray_prob <= 1:
             raise ValueError(f"gray_prob must be in [0, 1], got {gray_prob}")
+        if not 0 <= camera_prob <= 1:
+            raise ValueError(f"camera_prob must be in [0, 1], got {camera_prob}")
+        if not 0 <= noise_std <= 0.1:
+            raise ValueError(f"noise_std must be in [0, 0.1], got {noise_std}")
         self.length, self.crop, self.seed = int(length), int(crop), int(seed)
         self.blur_sigma, self.soft_edge_prob, self.fixed = (lo, hi), soft_edge_prob, fixed
         self.gray_prob = float(gray_prob)
+        self.camera_prob, self.noise_std = float(camera_prob), float(noise_std)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -340,6 +356,25 @@ class SyntheticPairs(Dataset):
         if rng.random() < 0.65:
             return gaussian_blur(img, sigma)
         return disk_blur(img, 1.5 * sigma)
+
+    def _camera(self, rng: np.random.Generator, a: torch.Tensor, b: torch.Tensor, gray: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 6 on (3, h, w) sources in [0, 1]; grey sources stay grey."""
+        std = float(rng.uniform(0, self.noise_std))
+        quality = int(rng.integers(70, 96)) if rng.random() < 0.5 else None
+        out = []
+        for src in (a, b):
+            shape = (1 if gray else 3, *src.shape[1:])
+            noise = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+            u8 = ((src + std * noise) * 255).round().clamp(0, 255).to(torch.uint8)
+            if quality is not None:
+                arr = u8[0].numpy() if gray else u8.permute(1, 2, 0).numpy()  # L or RGB
+                buf = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=quality)
+                u8 = torch.from_numpy(np.asarray(Image.open(buf)).copy())
+                u8 = u8[None] if gray else u8.permute(2, 0, 1)
+            out.append((u8.float() / 255).expand_as(src).contiguous())
+        return out[0], out[1]
 
     def sharp_crop(self, rng: np.random.Generator, path: Path) -> torch.Tensor:
         """Step 1: (3, crop, crop) float32 in [0, 1]."""
@@ -366,7 +401,8 @@ class SyntheticPairs(Dataset):
             raise IndexError(f"index {index} out of range for {self.length} samples")
         rng = _sample_rng(self.seed, self.epoch, index)
         gt = self.sharp_crop(rng, self.images[index % len(self.images)])
-        if self.gray_prob > 0 and rng.random() < self.gray_prob:
+        gray = self.gray_prob > 0 and rng.random() < self.gray_prob
+        if gray:
             luma = torch.tensordot(torch.tensor(LUMA_WEIGHTS), gt, dims=1)
             gt = luma.expand(3, -1, -1).contiguous()
         mask = torch.from_numpy(random_focus_mask(rng, self.crop).astype(np.float32))[None]
@@ -377,4 +413,8 @@ class SyntheticPairs(Dataset):
         blur_b = self._defocus(rng, gt)
         a = weight * gt + (1 - weight) * blur_a
         b = (1 - weight) * gt + weight * blur_b
+        if self.camera_prob > 0 and rng.random() < self.camera_prob:
+            a2, b2 = self._camera(rng, a, b, gray)
+            gt = (gt + weight * (a2 - a) + (1 - weight) * (b2 - b)).clamp(0, 1)
+            a, b = a2, b2
         return {"A": a * 2 - 1, "B": b * 2 - 1, "GT": gt * 2 - 1, "DM": mask}

@@ -82,6 +82,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     val_pairs: int = 200
     gray_prob: float = 0.0
+    camera_prob: float = 0.0
     seed: int = 0
     workers: int = 2
     amp: str = "auto"
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError("need lr > 0, 0 < lr_gamma <= 1, weight_decay >= 0")
         if not 0 <= self.gray_prob <= 1:
             raise ValueError(f"gray_prob must be in [0, 1], got {self.gray_prob}")
+        if not 0 <= self.camera_prob <= 1:
+            raise ValueError(f"camera_prob must be in [0, 1], got {self.camera_prob}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ValueError(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         if self.resume and self.init:
@@ -251,7 +254,8 @@ def build_datasets(cfg: TrainConfig, world_size: int = 1) -> tuple[Dataset, Data
         train_imgs, val_imgs = split_images(images, cfg.val_fraction, cfg.seed)
         length = cfg.epoch_length * cfg.batch_size * world_size
         train_parts.append(SyntheticPairs(train_imgs, length, cfg.crop, cfg.seed,
-                                          gray_prob=cfg.gray_prob))
+                                          gray_prob=cfg.gray_prob,
+                                          camera_prob=cfg.camera_prob))
         if val_imgs:
             val_parts.append(SyntheticPairs(val_imgs, cfg.val_pairs, cfg.crop, cfg.seed + 1,
                                             fixed=True))
@@ -545,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic validation pairs (fixed)")
     p.add_argument("--gray-prob", type=float, default=d.gray_prob,
                    help="share of grayscale synthetic training pairs (validation stays colour)")
+    p.add_argument("--camera-prob", type=float, default=d.camera_prob,
+                   help="share of synthetic training pairs given sensor noise, 8-bit rounding and "
+                        "JPEG compression in both sources (validation stays clean)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=d.amp,

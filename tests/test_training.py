@@ -164,6 +164,38 @@ def test_synthetic_gray_pairs_are_the_luma_of_the_colour_crop(sharp_dir):
         datasets.SyntheticPairs(imgs, 1, crop=CROP, gray_prob=1.5)
 
 
+def test_synthetic_camera_step_keeps_pairs_consistent(sharp_dir):
+    imgs = datasets.list_images(sharp_dir)
+    hard = dict(crop=CROP, seed=4, soft_edge_prob=0.0)
+    clean = datasets.SyntheticPairs(imgs, 12, **hard)
+    cam = datasets.SyntheticPairs(imgs, 12, camera_prob=1.0, noise_std=0.02, **hard)
+    cam_gray = datasets.SyntheticPairs(imgs, 12, camera_prob=1.0, gray_prob=1.0, **hard)
+    for i in range(len(cam)):
+        s, c, g = cam[i], clean[i], cam_gray[i]
+        # The camera step comes after every other draw: same crop and mask, small changes.
+        assert torch.equal(s["DM"], c["DM"])
+        assert 0 < float((s["A"] - c["A"]).abs().mean()) < 0.1
+        for x in (s, g):
+            m = x["DM"][0].bool()
+            # Sharp parts still equal GT exactly: GT took the same noise and compression.
+            np.testing.assert_allclose(x["A"][:, m], x["GT"][:, m], atol=1e-6)
+            np.testing.assert_allclose(x["B"][:, ~m], x["GT"][:, ~m], atol=1e-6)
+            for key in ("A", "B", "GT"):  # 8-bit values, as a camera writes them
+                levels = (x[key] + 1) / 2 * 255
+                assert (levels - levels.round()).abs().max() < 1e-3
+        for key in ("A", "B", "GT"):  # grey pairs stay grey
+            assert torch.equal(g[key][0], g[key][1]) and torch.equal(g[key][0], g[key][2])
+    # Both sources get noise of the same strength, so a flat area gains detail on both sides.
+    flat = torch.full((3, CROP, CROP), 0.5)
+    noisy_a, noisy_b = cam._camera(np.random.default_rng(0), flat, flat, gray=False)
+    assert not torch.equal(noisy_a, noisy_b)
+    assert noisy_a.std() > 0.002 and noisy_b.std() > 0.002
+    with pytest.raises(ValueError, match="camera_prob"):
+        datasets.SyntheticPairs(imgs, 1, crop=CROP, camera_prob=-0.5)
+    with pytest.raises(ValueError, match="noise_std"):
+        datasets.SyntheticPairs(imgs, 1, crop=CROP, noise_std=0.5)
+
+
 def test_validation_split_is_fixed_and_disjoint(sharp_dir):
     imgs = datasets.list_images(sharp_dir)
     train, val = datasets.split_images(imgs, 0.25, seed=0)
@@ -215,6 +247,8 @@ def test_bad_data_gives_clear_errors(tmp_path):
     assert training.main(["--sharp", str(empty), "--out", str(tmp_path / "run")]) == 2
     with pytest.raises(ValueError, match="gray_prob must be in"):
         training.train(_tiny_config(empty, tmp_path / "run", gray_prob=-0.1))
+    with pytest.raises(ValueError, match="camera_prob must be in"):
+        training.train(_tiny_config(empty, tmp_path / "run", camera_prob=2.0))
 
 
 # ------------------------------------------------------------------------------------ training
@@ -277,7 +311,8 @@ def test_early_stopping_and_checkpoint_errors(sharp_dir, tmp_path, capsys):
     assert training.main(["--sharp", str(sharp_dir), "--out", str(tmp_path / "es"), "--epochs",
                           "1", "--batch-size", "2", "--crop", str(CROP), "--epoch-length", "2",
                           "--val-pairs", "2", "--val-fraction", "0.25", "--workers", "0",
-                          "--seed", "3", "--gray-prob", "0.5", "--no-progress"]) == 0
+                          "--seed", "3", "--gray-prob", "0.5", "--camera-prob", "0.5",
+                          "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["epochs_run"] == 1 and summary["best_epoch"] == 1
     # Make the best validation loss unbeatable: the run must stop `patience` epochs later.
