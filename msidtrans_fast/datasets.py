@@ -330,10 +330,9 @@ class SyntheticPairs(Dataset):
         if not 0 < lo <= hi:
             raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, "
                              f"got {blur_sigma}")
-        if not 0 <= gray_prob <= 1:
-            raise ValueError(f"gray_prob must be in [0, 1], got {gray_prob}")
-        if not 0 <= camera_prob <= 1:
-            raise ValueError(f"camera_prob must be in [0, 1], got {camera_prob}")
+        for name, prob in (("gray_prob", gray_prob), ("camera_prob", camera_prob)):
+            if not 0 <= prob <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {prob}")
         if not 0 <= noise_std <= 0.1:
             raise ValueError(f"noise_std must be in [0, 0.1], got {noise_std}")
         self.length, self.crop, self.seed = int(length), int(crop), int(seed)

@@ -106,10 +106,9 @@ class TrainConfig:
             raise ValueError("patience, workers and keep_checkpoints must be >= 0")
         if not (self.lr > 0 and 0 < self.lr_gamma <= 1 and self.weight_decay >= 0):
             raise ValueError("need lr > 0, 0 < lr_gamma <= 1, weight_decay >= 0")
-        if not 0 <= self.gray_prob <= 1:
-            raise ValueError(f"gray_prob must be in [0, 1], got {self.gray_prob}")
-        if not 0 <= self.camera_prob <= 1:
-            raise ValueError(f"camera_prob must be in [0, 1], got {self.camera_prob}")
+        for name in ("gray_prob", "camera_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ValueError(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         if self.resume and self.init:
