@@ -27,6 +27,12 @@ NUM_ATTENTION_CALLS = 4
 IDENTITY_PERMUTATION = (0, 1, 2)
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s computation is being traced or captured (no host sync is allowed)."""
+    return torch.compiler.is_compiling() or (
+        t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _half(n: int) -> int:
     return math.ceil(n / 2)
 
@@ -95,12 +101,15 @@ class MSIDTrans(nn.Module):
         self._backend_request = name
 
     def _set_module_backends(self, name: str) -> None:
+        if self.__dict__.get("_module_backend") == name:
+            return
         for module in self.modules():
             if module is not self and hasattr(module, "backend"):
                 module.backend = name
+        self._module_backend = name
 
     # ----------------------------------------------------------------------------------- checks
-    def _check_inputs(self, A: torch.Tensor, B: torch.Tensor) -> None:
+    def _check_inputs(self, A: torch.Tensor, B: torch.Tensor, check_finite: bool) -> None:
         for name, t in (("A", A), ("B", B)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -121,9 +130,10 @@ class MSIDTrans(nn.Module):
             raise TypeError(f"A and B must have the same dtype, got {A.dtype} and {B.dtype}")
         if A.device != B.device:
             raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
-        for name, t in (("A", A), ("B", B)):
-            if t.device.type != "meta" and not torch.isfinite(t).all():
-                raise ValueError(f"{name} contains NaN or infinite values")
+        if check_finite and not _capturing(A):
+            for name, t in (("A", A), ("B", B)):
+                if t.device.type != "meta" and not torch.isfinite(t).all():
+                    raise ValueError(f"{name} contains NaN or infinite values")
 
     def _attention_permutations(self, q_perms) -> list[tuple[int, ...]]:
         if q_perms is None:
@@ -138,7 +148,8 @@ class MSIDTrans(nn.Module):
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, A: torch.Tensor, B: torch.Tensor,
-                q_perms: Sequence[Permutation] | None = None) -> torch.Tensor:
+                q_perms: Sequence[Permutation] | None = None, *,
+                check_finite: bool = True) -> torch.Tensor:
         """Decision map of a pair.
 
         Args:
@@ -147,11 +158,15 @@ class MSIDTrans(nn.Module):
                 t0 layer 1, tu1, tu2): group g pairs the queries of scale ``perm[g]`` with the
                 keys/values of scale g. Default: identity in eval mode, random (torch's RNG) per
                 call in train mode.
+            check_finite: raise ``ValueError`` on NaN/Inf inputs. The check reads the values back
+                (a device sync), so it runs in eager calls only: never while ``torch.compile``
+                traces or a CUDA graph captures. Callers that validated their inputs (``fuse``
+                does, on the host) pass False.
 
         Returns:
             D, (b, 1, H, W) in (0, 1): where D is high, A is the sharp source.
         """
-        self._check_inputs(A, B)
+        self._check_inputs(A, B, check_finite)
         perms = self._attention_permutations(q_perms)
         self._set_module_backends(backends.resolve_backend(self._backend_request, A.device))
         H, W = A.shape[-2:]

@@ -10,7 +10,7 @@ Every module takes and returns NCHW tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +21,57 @@ from . import backends, ops, reference
 Permutation = Sequence[int]
 
 
+def _source_key(t: torch.Tensor) -> tuple:
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+
+
+def cached(owner: nn.Module, name: str, sources: Sequence[torch.Tensor],
+           compute: Callable[[], object], *extra) -> object:
+    """``compute()``: a value derived from parameters and buffers, once per weights version.
+
+    The value is kept on ``owner`` under ``name`` and keyed on the identity, storage, version
+    counter, dtype and device of every tensor in ``sources`` (plus ``extra``), so an in-place
+    update (an optimizer step, ``load_state_dict``, ``copy_``) or a move with ``.to()`` recomputes
+    it. It is computed afresh, inside the autograd graph, whenever a gradient could flow to a
+    source, and while ``torch.compile`` traces (the compiler sees the plain computation).
+    Cached values are ordinary tensors made outside ``inference_mode`` without a graph, so they
+    serve ``no_grad`` and ``inference_mode`` calls alike.
+    """
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in sources) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+        return compute()
+    key = (*(_source_key(t) for t in sources), *extra)
+    store = owner.__dict__.setdefault("_derived_cache", {})
+    entry = store.get(name)
+    if entry is None or entry[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            entry = store[name] = (key, compute())
+    return entry[1]
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``conv`` with eval-mode ``bn`` folded in, in ``conv.weight``'s dtype.
+
+    Low-precision weights are folded in float32 and rounded once at the end.
+    """
+    dtype = conv.weight.dtype
+    up = (lambda t: t.float()) if dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
+    scale = up(bn.weight) * torch.rsqrt(up(bn.running_var) + bn.eps)
+    weight = up(conv.weight) * scale.view(-1, 1, 1, 1)
+    shift = up(bn.bias) - up(bn.running_mean) * scale
+    bias = shift if conv.bias is None else up(conv.bias) * scale + shift
+    return weight.to(dtype), bias.to(dtype)
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(conv(x))``; in eval mode as one convolution with BatchNorm folded into its weights."""
+    """``bn(conv(x))``; in eval mode one convolution with BatchNorm folded into its weights
+    (folded once per weights version, see :func:`cached`)."""
     if bn.training:
         return bn(conv(x))
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    shift = bn.bias - bn.running_mean * scale
-    bias = shift if conv.bias is None else conv.bias * scale + shift
+    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        sources.append(conv.bias)
+    weight, bias = cached(bn, "folded", sources, lambda: fold_bn(conv, bn))
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
