@@ -243,6 +243,114 @@ def _read_tiff(path: Path) -> np.ndarray:
         return array
 
 
+# ------------------------------------------------------------------------------------- sources
+def as_source_array(image, name: str = "source") -> np.ndarray:
+    """One source of a fusion as an (H, W, C) array, C = 1 (gray) or 3 (RGB), dtype uint8, uint16
+    or float32 (values in [0, 1]).
+
+    Accepted: a file path (read by :func:`read_image`); a numpy array (H, W) or (H, W, C); a PIL
+    image; a torch tensor (H, W) or (C, H, W) (channels first, as torchvision). C may be 1, 3 or 4
+    (alpha is dropped). Integer data must be uint8 or uint16; floating data must lie in [0, 1].
+
+    Raises:
+        FileNotFoundError, ImageFormatError: unreadable files.
+        TypeError, ValueError: other objects, dtypes, layouts or value ranges (the message starts
+            with ``name``).
+    """
+    import torch
+
+    if isinstance(image, (str, os.PathLike)):
+        array = read_image(image)
+    elif type(image).__module__.startswith("PIL."):
+        array = _canonical(_pillow_to_array(image, name), name)
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.dim() == 3:
+            t = t.permute(1, 2, 0)
+        if t.dtype == torch.uint16:
+            array = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        else:
+            array = t.numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise TypeError(f"{name}: expected a file path, numpy array, PIL image or torch tensor, "
+                        f"got {type(image).__name__}")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name}: expected (H, W) or (H, W, C) with C in 1, 3, 4 (tensors: (H, W) "
+                         f"or (C, H, W)), got shape {tuple(array.shape)}")
+    if array.shape[-1] == 4:
+        array = array[..., :3]
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"{name}: empty image, shape {tuple(array.shape)}")
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError(f"{name}: floating-point images must hold values in [0, 1]")
+    elif array.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"{name}: unsupported dtype {array.dtype} (use uint8, uint16 or floats "
+                        f"in [0, 1])")
+    return np.ascontiguousarray(array)
+
+
+def source_names(images) -> list[str]:
+    """Names for messages: a path as given, else ``"source i"``."""
+    return [str(x) if isinstance(x, (str, os.PathLike)) else f"source {i}"
+            for i, x in enumerate(images)]
+
+
+def check_sources(arrays, names) -> None:
+    """Checks that (H, W, C) sources can be fused together: two or more, one size, one dtype.
+
+    Raises:
+        ValueError: fewer than two sources, or sizes or bit depths that differ (naming them).
+    """
+    if len(arrays) < 2:
+        raise ValueError(f"need at least two source images, got {len(arrays)}")
+    h, w = arrays[0].shape[:2]
+    for a, n in zip(arrays[1:], names[1:], strict=True):
+        if a.shape[:2] != (h, w):
+            raise ValueError(f"sources differ in size: {names[0]} is {w}x{h} (WxH), {n} is "
+                             f"{a.shape[1]}x{a.shape[0]}")
+    for a, n in zip(arrays[1:], names[1:], strict=True):
+        if a.dtype != arrays[0].dtype:
+            raise ValueError(f"sources differ in bit depth: {names[0]} is {arrays[0].dtype}, {n} "
+                             f"is {a.dtype}")
+
+
+def load_sources(images) -> list[np.ndarray]:
+    """The first stage of fusing: reads and checks the sources of one fusion.
+
+    Args:
+        images: a sequence of two or more sources, each anything :func:`as_source_array` takes.
+
+    Returns:
+        A list of n >= 2 arrays (H, W, C) of one size and one dtype (uint8, uint16, or float32 in
+        [0, 1]), C = 1 for all when every source is grayscale, else C = 3 for all (grayscale
+        sources are replicated to RGB).
+
+    Raises:
+        TypeError: ``images`` is a single path, array or tensor rather than a sequence, or a
+            source of an unsupported type.
+        FileNotFoundError, ImageFormatError, ValueError: see :func:`as_source_array` and
+            :func:`check_sources`.
+    """
+    import torch
+
+    if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
+        raise TypeError("images must be a sequence of two or more sources (a list of paths, "
+                        "arrays, PIL images or tensors)")
+    images = list(images)
+    names = source_names(images)
+    arrays = [as_source_array(x, n) for x, n in zip(images, names, strict=True)]
+    check_sources(arrays, names)
+    if any(a.shape[-1] == 3 for a in arrays):
+        arrays = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in arrays]
+    return arrays
+
+
 # ------------------------------------------------------------------------------------- writing
 def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Checks, before any work, that ``path`` can be written by :func:`write_image`.
