@@ -49,17 +49,21 @@ def cached(owner: nn.Module, name: str, sources: Sequence[torch.Tensor],
     return entry[1]
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """16-bit weights to float32 for folding (rounded once, at the end); others unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``conv`` with eval-mode ``bn`` folded in, in ``conv.weight``'s dtype.
 
     Low-precision weights are folded in float32 and rounded once at the end.
     """
     dtype = conv.weight.dtype
-    up = (lambda t: t.float()) if dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
-    scale = up(bn.weight) * torch.rsqrt(up(bn.running_var) + bn.eps)
-    weight = up(conv.weight) * scale.view(-1, 1, 1, 1)
-    shift = up(bn.bias) - up(bn.running_mean) * scale
-    bias = shift if conv.bias is None else up(conv.bias) * scale + shift
+    scale = _up(bn.weight) * torch.rsqrt(_up(bn.running_var) + bn.eps)
+    weight = _up(conv.weight) * scale.view(-1, 1, 1, 1)
+    shift = _up(bn.bias) - _up(bn.running_mean) * scale
+    bias = shift if conv.bias is None else _up(conv.bias) * scale + shift
     return weight.to(dtype), bias.to(dtype)
 
 
@@ -75,8 +79,14 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _in_place() -> bool:
+    """Whether activations may be overwritten: only where autograd records nothing (less memory,
+    no fresh allocation)."""
+    return not torch.is_grad_enabled()
+
+
 def conv_bn_mish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    return F.mish(conv_bn(x, conv, bn))
+    return F.mish(conv_bn(x, conv, bn), inplace=_in_place())
 
 
 def conv_bn_mish_block(cin: int, cout: int, kernel: int = 3, bias: bool = True) -> nn.Sequential:
@@ -117,6 +127,14 @@ class ChannelLayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and \
+                x.is_contiguous(memory_format=torch.channels_last):
+            # Channels innermost: a LayerNorm over the last axis of the (b, H, W, C) view, one
+            # fused kernel instead of the reference's nine element-wise passes.
+            c = x.shape[1]
+            y = F.layer_norm(x.permute(0, 2, 3, 1), (c,), self.g.reshape(c), self.b.reshape(c),
+                             self.eps)
+            return y.permute(0, 3, 1, 2)
         return reference.channel_layer_norm(x, self.g, self.b, self.eps)
 
 
@@ -157,8 +175,9 @@ class ParallelBlock(nn.Module):
         self.branch3 = nn.Conv2d(dim, dim, 7, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.mish(self.branch1(x)), F.mish(self.branch2(x)),
-                          F.mish(self.branch3(x))], dim=1)
+        inplace = _in_place()
+        return torch.cat([F.mish(self.branch1(x), inplace), F.mish(self.branch2(x), inplace),
+                          F.mish(self.branch3(x), inplace)], dim=1)
 
 
 class MSSEModule(_WaveletHighLayer):
@@ -183,10 +202,38 @@ class MSSEModule(_WaveletHighLayer):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = conv_bn_mish(x, self.conv[0], self.conv[1])
         pre_attention = conv_bn_mish(t, self.conv[3], self.conv[4])
-        t = self.attention(pre_attention) + self.residual(x)
-        t = self.parallel(t) + self.skip_connection(x)
-        low, high = self._split(self.channel_splitter(t))
+        if _in_place():
+            t = self.attention(pre_attention).add_(self.residual(x))
+            t = self._split_parallel(t, x)
+        else:
+            t = self.attention(pre_attention) + self.residual(x)
+            t = self.channel_splitter(self.parallel(t) + self.skip_connection(x))
+        low, high = self._split(t)
         return low, high, pre_attention
+
+    def _split_parallel(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``channel_splitter(parallel(t) + skip_connection(x))`` without its two 3C-channel
+        tensors at full resolution (the largest activations of the network): the 1x1
+        ``channel_splitter`` is linear, so it is applied to each branch's C channels, and
+        ``skip_connection`` is folded into it. Inference only (no autograd)."""
+        split, skip, parallel = self.channel_splitter, self.skip_connection, self.parallel
+
+        def fold():
+            dtype = split.weight.dtype
+            ws = [part.contiguous()[..., None, None]                      # 3 x (C, C, 1, 1)
+                  for part in split.weight.flatten(1).chunk(3, dim=1)]
+            w = _up(split.weight.flatten(1))                              # (C, 3C)
+            wx = (w @ _up(skip.weight.flatten(1)))[..., None, None]       # (C, cin, 1, 1)
+            bx = w @ _up(skip.bias) + _up(split.bias)
+            return (*ws, wx.to(dtype), bx.to(dtype))
+
+        sources = [split.weight, split.bias, skip.weight, skip.bias]
+        w1, w2, w3, wx, bx = cached(self, "split_parallel", sources, fold)
+        out = F.conv2d(x, wx, bx)
+        for branch, w in zip((parallel.branch1, parallel.branch2, parallel.branch3),
+                             (w1, w2, w3), strict=True):
+            out.add_(F.conv2d(F.mish(branch(t), inplace=True), w))
+        return out
 
 
 class FSEModule(_WaveletHighLayer):

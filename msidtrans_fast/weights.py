@@ -87,14 +87,23 @@ def cpu_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+#: Whether bfloat16 decisions agree with float32 ones for the bundled network (measured with
+#: ``tools/dtype_agreement.py`` on the dev sets, table in docs/fusing.md, "Precision"): on MFFW
+#: they do not (up to 6.4% of a pair's pixels decided differently, Q_CB 0.588 -> 0.537), so
+#: ``"auto"`` keeps float32 even where bf16 is native.
+BF16_AGREES = False
+
+
 def auto_dtype(device: str | torch.device) -> torch.dtype:
     """The compute dtype ``"auto"`` picks for ``device``.
 
     bfloat16 where the device computes it natively (a CUDA device with bf16 support; a CPU with
-    AVX512-BF16 or AMX), float32 elsewhere. bf16 decisions agree with fp32 on the dev sets
-    (docs/fusing.md, "Precision"); exact fp32 is ``dtype="float32"``.
+    AVX512-BF16 or AMX) and its decisions agree with float32 (:data:`BF16_AGREES`); float32
+    otherwise. ``dtype="bfloat16"`` asks for bf16 regardless.
     """
     device = torch.device(device)
+    if not BF16_AGREES:
+        return torch.float32
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
