@@ -108,6 +108,15 @@ class MSIDTrans(nn.Module):
                 module.backend = name
         self._module_backend = name
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """``torch.channels_last`` when the convolution weights are stored so (set with
+        ``model.to(memory_format=...)``), else ``torch.contiguous_format``."""
+        weight = self.Encoder1.conv[0].weight
+        if not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        return torch.contiguous_format
+
     # ----------------------------------------------------------------------------------- checks
     def _check_inputs(self, A: torch.Tensor, B: torch.Tensor, check_finite: bool) -> None:
         for name, t in (("A", A), ("B", B)):
@@ -167,6 +176,10 @@ class MSIDTrans(nn.Module):
             D, (b, 1, H, W) in (0, 1): where D is high, A is the sharp source.
         """
         self._check_inputs(A, B, check_finite)
+        # The weights' layout decides the activations' (channels_last on the CPU, see
+        # weights.preferred_memory_format), whatever the inputs' layout: same results either way.
+        layout = self.memory_format
+        A, B = A.contiguous(memory_format=layout), B.contiguous(memory_format=layout)
         perms = self._attention_permutations(q_perms)
         self._set_module_backends(backends.resolve_backend(self._backend_request, A.device))
         H, W = A.shape[-2:]
