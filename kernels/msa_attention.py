@@ -76,14 +76,19 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # ----------------------------------------------------------------------------- tuning spaces
 
+#: id(config) -> the dtype class it is meant for ("16bit" or "fp32"); kept beside the configs
+#: because Triton's on-disk tuning cache rebuilds configs from their attributes.
+_DTYPE_CLASS: dict[int, str] = {}
+
+
 def _space(entries, fixed: dict) -> list:
-    """Configs ``(tile, warps, stages)`` tagged with the dtype class they are meant for."""
+    """Configs ``(tile name, tile, warps, stages)`` per dtype class, with the fixed tiles."""
     configs = []
     for dtype_class, rows in entries.items():
         for tile_name, tile, warps, stages in rows:
             cfg = triton.Config({tile_name: tile, **fixed[dtype_class]}, num_warps=warps,
                                 num_stages=stages)
-            cfg.dtype_class = dtype_class
+            _DTYPE_CLASS[id(cfg)] = dtype_class
             configs.append(cfg)
     return configs
 
@@ -92,9 +97,14 @@ def _dtype_class(dtype) -> str:
     return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
+def configs_for(space: list, dtype: torch.dtype) -> list:
+    """The configurations of a tuning space (``FWD_CONFIGS``...) that ``dtype`` runs."""
+    return [c for c in space if _DTYPE_CLASS.get(id(c)) == _dtype_class(dtype)]
+
+
 def _prune(configs, named_args, **kwargs):
     """The configs of the input's dtype class (only the first in the interpreter)."""
-    kept = [c for c in configs if c.dtype_class == _dtype_class(named_args["Q"].dtype)]
+    kept = configs_for(configs, named_args["Q"].dtype)
     return kept[:1] if _INTERPRET else kept
 
 

@@ -327,10 +327,6 @@ def test_offsets_past_int32(kernel_device):
         del q, storage
 
 
-def _configs_of(space, dtype):
-    return [c for c in space if c.dtype_class == kernels._dtype_class(dtype)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_tuning_config_gives_the_same_result(kernel_device, dtype):
     """The configurations of each tuning space only change tile sizes that do not split a
@@ -346,12 +342,12 @@ def test_every_tuning_config_gives_the_same_result(kernel_device, dtype):
     grad = torch.randn(b, 3 * d, h, w, device=kernel_device).to(dtype)
     perm = (1, 2, 0)
     out, lse = kernels.msa_attention_forward(q, k, v, perm, (h, w))
-    for cfg in _configs_of(kernels.FWD_CONFIGS, q.dtype):
+    for cfg in kernels.configs_for(kernels.FWD_CONFIGS, q.dtype):
         again, lse_again = kernels.msa_attention_forward(q, k, v, perm, (h, w), config=cfg)
         assert same(again, out) and same(lse_again, lse), cfg
     first = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm)
-    for dkdv, dq in zip(_configs_of(kernels.DKDV_CONFIGS, q.dtype),
-                        _configs_of(kernels.DQ_CONFIGS, q.dtype), strict=True):
+    for dkdv, dq in zip(kernels.configs_for(kernels.DKDV_CONFIGS, q.dtype),
+                        kernels.configs_for(kernels.DQ_CONFIGS, q.dtype), strict=True):
         grads = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm,
                                                configs={"dkdv": dkdv, "dq": dq})
         assert all(same(a, r) for a, r in zip(grads, first, strict=True)), (dkdv, dq)
