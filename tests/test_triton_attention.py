@@ -96,6 +96,26 @@ def test_token_padded_inputs(case, kernel_device):
         assert rel_err(a, r) <= FP32_GRAD_REL
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-d{}-{}x{}-s{}".format(*c))
+def test_split_tail_loops_fp32(case, kernel_device, monkeypatch):
+    """The 16-bit loop structure (unmasked full blocks, then the masked partial block) forced on
+    fp32, so that the interpreter checks it too: whole blocks only, a partial block only, both."""
+    consts = kernels._consts
+    monkeypatch.setattr(kernels, "_consts", lambda *a: {**consts(*a), "SPLIT_TAIL": True})
+    b, d, h, w, s = case
+    q, k, v = _inputs(b, d, h, w, s, device=kernel_device, seed=8)
+    q = _pad_tokens(q).requires_grad_()
+    kv = _pad_tokens(torch.cat([k, v], 2)).requires_grad_()
+    k, v = kv[:, :, :d], kv[:, :, d:]
+    out = msa_attention(q, k, v, (2, 1, 0), (h, w))
+    ref = _reference(q, k, v, (2, 1, 0), (h, w))
+    assert rel_err(out, ref) <= FP32_FWD_REL
+    grad = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, kv), grad),
+                    torch.autograd.grad(ref, (q, kv), grad.double()), strict=True):
+        assert rel_err(a, r) <= FP32_GRAD_REL
+
+
 @pytest.mark.parametrize("perm", PERMS, ids=str)
 def test_every_permutation(perm, kernel_device):
     b, d, h, w, s = 2, 32, 7, 5, 2
