@@ -2,7 +2,7 @@
 
 from .backends import available_backends, resolve_backend
 from .model import MSIDTrans, Network
-from .pipeline import fuse
+from .pipeline import FuseOptions, fuse
 
 try:  # registers backend "triton"; a missing or broken triton leaves "reference" working
     from . import triton_backend  # noqa: F401
@@ -14,4 +14,5 @@ except Exception as _error:  # noqa: BLE001 - any failure of an optional backend
 
 __version__ = "0.1.0"
 
-__all__ = ["MSIDTrans", "Network", "available_backends", "fuse", "resolve_backend", "__version__"]
+__all__ = ["FuseOptions", "MSIDTrans", "Network", "available_backends", "fuse", "resolve_backend",
+           "__version__"]

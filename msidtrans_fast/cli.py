@@ -151,7 +151,6 @@ def plan_jobs(args) -> tuple[list[Job], Path | None]:
 def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None) -> None:
     """Reads every source (and checks sizes/depths) and checks every output, before any work."""
     from . import io as mio
-    from .pipeline import _check_sources, as_source_array
 
     seen: set[Path] = set()
     for job in jobs:
@@ -166,21 +165,23 @@ def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None) -> None:
             except (OSError, ValueError) as e:
                 raise BadInput(str(e)) from None
         names = [str(s) for s in job.sources]
-        arrays = [_read(s, as_source_array) for s in job.sources]
+        arrays = [_read(s) for s in job.sources]
         try:
-            _check_sources(arrays, names)
+            mio.check_sources(arrays, names)
         except ValueError as e:
             raise BadInput(str(e)) from None
         if job.output.suffix.lower() in mio.JPEG_SUFFIXES and arrays[0].dtype != "uint8":
             raise BadInput(f"JPEG holds 8-bit images only; these sources are 16-bit: write "
                            f"{job.output.with_suffix('.png')} or .tif instead")
         if len(jobs) == 1:
-            job.arrays = arrays
+            job.arrays = mio.load_sources(arrays)
 
 
-def _read(path: Path, as_source_array):
+def _read(path: Path):
+    from . import io as mio
+
     try:
-        return as_source_array(path, str(path))
+        return mio.as_source_array(path, str(path))
     except FileNotFoundError:
         raise BadInput(f"source not found: {path}") from None
     except (OSError, ValueError, TypeError) as e:
@@ -209,13 +210,13 @@ def _oom_advice(device, dtype, shape) -> str:
         ", or ".join(tips)
 
 
-def _check_memory(device, dtype, shape, stderr) -> None:
-    """Refuses before running when a CUDA device clearly lacks the memory (warns on the CPU)."""
+def _check_memory(decider, shape, stderr) -> None:
+    """Refuses before running when a CUDA device clearly lacks the memory the decision stage
+    says it needs for ``shape`` = (H, W) (warns on the CPU)."""
     import torch
 
-    from .pipeline import estimate_memory
-
-    need = estimate_memory(*shape, dtype)
+    device = decider.device
+    need = decider.memory_needed(*shape)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if need > free:
@@ -247,18 +248,21 @@ def run(args, stdout, stderr) -> int:
         raise BadInput(f"--threshold must be a number, got {args.threshold!r}") from None
     if not 0 <= threshold < 1:
         raise BadInput(f"--threshold must be in [0, 1), got {args.threshold}")
+    from .pipeline import FuseOptions
+
+    options = FuseOptions(device=device, dtype=dtype, threshold=threshold)
     if args.weights is not None and not Path(args.weights).is_file():
         raise BadInput(f"weights file not found: {args.weights}")
 
     jobs, out_dir = plan_jobs(args)
     check_jobs(jobs, args.overwrite, out_dir)
 
-    from .pipeline import get_model
+    from .pipeline import make_decider
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model = get_model(args.weights, device, dtype)
+            decider = make_decider(options, weights=args.weights)
         except (OSError, ValueError) as e:
             raise BadInput(str(e)) from None
     for w in caught:
@@ -268,7 +272,7 @@ def run(args, stdout, stderr) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        code = _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, stderr)
+        code = _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr)
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"{PROG}: warning: {message}", file=stderr)
     return code
@@ -293,28 +297,31 @@ class _InlineExecutor:
 
 
 def _read_job(job: Job) -> list:
+    """The load stage for one job: its sources as :func:`msidtrans_fast.io.load_sources`."""
     from . import io as mio
 
-    return job.arrays or [mio.read_image(s) for s in job.sources]
+    return job.arrays or mio.load_sources(job.sources)
 
 
-def _write_job(job: Job, fused, dm, num_sources: int, overwrite: bool) -> None:
+def _write_job(job: Job, result, num_sources: int, overwrite: bool) -> None:
+    """The write stage for one job: the fused image and, if asked, its decision map."""
     from . import io as mio
     from .pipeline import decision_map_image
 
-    mio.write_image(job.output, fused, overwrite=overwrite)
+    mio.write_image(job.output, result.image, overwrite=overwrite)
     if job.dm_output is not None:
-        mio.write_image(job.dm_output, decision_map_image(dm, num_sources), overwrite=overwrite)
+        dm = decision_map_image(result.decision_map(num_sources), num_sources)
+        mio.write_image(job.dm_output, dm, overwrite=overwrite)
 
 
-def _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, stderr) -> int:
+def _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr) -> int:
     """Fuses every job in order. With ``IO_THREADS > 0`` the next job's sources are decoded and
     the finished outputs encoded in background threads while the network runs (decoders,
     encoders and torch release the GIL), at most two outputs waiting to be written."""
     import torch
     from tqdm import tqdm
 
-    from .pipeline import fuse_with_progress, stack_runs
+    from .pipeline import fuse_sources, stack_runs
 
     start = time.perf_counter()
     stack = len(jobs) == 1 and len(jobs[0].sources) > 2
@@ -322,6 +329,7 @@ def _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, std
                unit="pair" if stack else "image",
                disable=args.quiet or (len(jobs) == 1 and not stack), file=stderr,
                dynamic_ncols=True)
+    device, dtype = options.device, options.dtype  # resolved by run()
     job, shape = jobs[0], None
     pool = (ThreadPoolExecutor(IO_THREADS, thread_name_prefix="msidtrans-io") if IO_THREADS > 0
             else _InlineExecutor())
@@ -334,12 +342,10 @@ def _fuse_jobs(args, jobs, model, device, dtype, threshold, out_dir, stdout, std
                 if i + 1 < len(jobs):
                     next_read = pool.submit(_read_job, jobs[i + 1])
                 shape = arrays[0].shape[:2]
-                _check_memory(device, dtype, shape, stderr)
-                fused, dm = fuse_with_progress(arrays, model=model, threshold=threshold,
-                                               return_decision_map=True,
-                                               progress=bar.update if stack else None)
-                writes.append(pool.submit(_write_job, job, fused, dm, len(arrays),
-                                          args.overwrite))
+                _check_memory(decider, shape, stderr)
+                result = fuse_sources(arrays, decider, options,
+                                      progress=bar.update if stack else None)
+                writes.append(pool.submit(_write_job, job, result, len(arrays), args.overwrite))
                 while len(writes) > 2 or (writes and writes[0].done()):
                     writes.popleft().result()
                 if not stack:

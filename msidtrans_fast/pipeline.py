@@ -1,26 +1,35 @@
-"""Fusing images with MSI-DTrans: the original ``Eval.py`` pipeline (SPEC.md, "Fusing") as an API.
+"""Fusing images with MSI-DTrans: the original ``Eval.py`` pipeline as an API, as a chain of stages.
 
-For a pair A, B (each 8- or 16-bit, grayscale or RGB):
+:func:`fuse` is the entry point; the command line runs the same stages. For the sources of one
+fusion the stages are:
 
-1. normalise: pixel values to [0, 1] (divide by 255 or 65535), grayscale replicated to three
-   channels (the network sees RGB, as the original reads it), then mean 0.5 / std 0.5, so [-1, 1];
-2. ``D = model(A, B)`` at full resolution, batch 1, eval mode, under ``torch.inference_mode``;
-3. binarise: ``D > 0.5``;
-4. consistency check: with ``area = threshold * H * W``, 4-connected foreground then background
-   components of strictly fewer than ``area`` pixels are flipped
-   (:func:`msidtrans_fast.ops.remove_small_regions` with ``min_area = ceil(area)``, which removes
-   exactly the components of size ``s < area``); ``threshold = 0`` disables it;
-5. blend ``A * D + B * (1 - D)`` on the original pixel values. D is binary, so every fused pixel is
-   a copy of a source pixel and the output keeps the sources' dtype exactly.
+1. **load** (:func:`msidtrans_fast.io.load_sources`): files, arrays, PIL images or tensors become
+   (H, W, C) arrays of one size and dtype;
+2. **decision map** (a :class:`Decider`, made by :func:`make_decider`): for a pair (a, b), the
+   network's soft map D, (H, W) float32 in [0, 1], large where ``a`` is sharp. The pixels enter
+   the network as RGB in [-1, 1] (value / 255 or / 65535, gray replicated, then mean 0.5 / std 0.5)
+   at full resolution, batch 1, eval mode, under ``torch.inference_mode``
+   (:class:`WholeImageDecider`);
+3. **binarise** (:func:`binarise`): ``D > 0.5``, then the consistency check on the whole map: with
+   ``area = threshold * H * W``, 4-connected foreground then background components of strictly
+   fewer than ``area`` pixels are flipped (:func:`msidtrans_fast.ops.remove_small_regions` with
+   ``min_area = ceil(area)``, which removes exactly the components of size ``s < area``);
+   ``threshold = 0`` disables it;
+4. **compose** (:func:`compose`): every fused pixel is copied from the source the binary decisions
+   chose, so the output keeps the sources' dtype exactly (the original's ``A * D + B * (1 - D)``
+   with a binary D);
+5. **write**: the caller's (``msidtrans-fuse`` writes atomically with
+   :func:`msidtrans_fast.io.write_image`).
 
-Focus stacks (n > 2 sources). Up to :data:`VOTE_MAX_SOURCES` sources, every pair (i, j) gets a
-binary decision map (n(n-1)/2 network runs) and each pixel takes the source that wins the most of
-its pairwise comparisons (ties: the lowest index): a per-pixel choice over all sources that does not
-depend on their order. Larger stacks are folded pairwise, ``F = fuse(fuse(fuse(S0, S1), S2), ...)``
-(n - 1 runs). ``tools/compare_stack_schemes.py`` measured both on stacks made from real photos
-(docs/fusing.md): equal at n = 3, the vote +0.9 dB PSNR at n = 4 and +2.9 dB at n = 5, because a
-fold's errors and seams carry over into every later comparison. Either way every fused pixel is a
-source pixel, and the map of which source it came from is returned.
+Focus stacks (n > 2 sources) run stages 2-3 on pairs of sources. Up to :data:`VOTE_MAX_SOURCES`
+sources every pair (i, j) gets a binary decision map (n(n-1)/2 network runs) and each pixel takes
+the source that wins the most of its pairwise comparisons (ties: the lowest index): a per-pixel
+choice over all sources that does not depend on their order. Larger stacks are folded pairwise,
+``F = fuse(fuse(fuse(S0, S1), S2), ...)`` (n - 1 runs). ``tools/compare_stack_schemes.py`` measured
+both on stacks made from real photos (docs/fusing.md): equal at n = 3, the vote +0.9 dB PSNR at
+n = 4 and +2.9 dB at n = 5, because a fold's errors and seams carry over into every later
+comparison. Either way every fused pixel is a source pixel, and the map of which source it came
+from is returned.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import numbers
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,7 +48,7 @@ import torch
 from . import io as _io
 from . import weights as _weights
 
-#: Binarisation level of the decision map (SPEC "Fusing", step 3).
+#: Binarisation level of the soft decision map (stage 3).
 BINARY_LEVEL = 0.5
 
 _MODEL_CACHE: dict[tuple[str, str, torch.dtype], torch.nn.Module] = {}
@@ -65,85 +76,40 @@ def clear_model_cache() -> None:
         _MODEL_CACHE.clear()
 
 
-# ------------------------------------------------------------------------------------- sources
+# ------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class FuseOptions:
+    """How to fuse: the settings every stage reads.
+
+    Attributes:
+        device: "auto" / None (CUDA if available, else the CPU), "cpu", "cuda", "cuda:N" or a
+            ``torch.device``. With a given model: None means the model's device.
+        dtype: compute dtype of the network, "float32" (None: float32, or the given model's
+            dtype), "bfloat16", or "float16" (CUDA only), or a ``torch.dtype``.
+        threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
+
+    Raises:
+        ValueError: a threshold outside [0, 1) (device and dtype are checked when the network
+            is loaded, by :func:`make_decider`).
+    """
+
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    threshold: float = 0.001
+
+    def __post_init__(self):
+        t = self.threshold
+        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 <= t < 1:
+            raise ValueError(f"threshold must be a number in [0, 1), got {t!r}")
+
+
+# ---------------------------------------------------------------------------- decision stage
 def _pixel_scale(dtype: np.dtype) -> float:
     if dtype == np.uint8:
         return 255.0
     if dtype == np.uint16:
         return 65535.0
     return 1.0  # float32 in [0, 1]
-
-
-def as_source_array(image, name: str = "source") -> np.ndarray:
-    """One source as an (H, W, C) array, C = 1 (gray) or 3 (RGB), dtype uint8, uint16 or float32.
-
-    Accepted: a file path; a numpy array (H, W) or (H, W, C); a PIL image; a torch tensor
-    (H, W) or (C, H, W) (channels first, as torchvision). C may be 1, 3 or 4 (alpha is dropped).
-    Integer data must be uint8 or uint16; floating data must lie in [0, 1] (fused as float32).
-
-    Raises:
-        FileNotFoundError, msidtrans_fast.io.ImageFormatError: unreadable files.
-        TypeError, ValueError: other objects, dtypes, layouts or value ranges.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        array = _io.read_image(image)
-    elif type(image).__module__.startswith("PIL."):
-        array = _io._canonical(_io._pillow_to_array(image, name), name)
-    elif isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.dim() == 3:
-            t = t.permute(1, 2, 0)
-        if t.dtype == torch.uint16:
-            array = t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        else:
-            array = t.numpy()
-    elif isinstance(image, np.ndarray):
-        array = image
-    else:
-        raise TypeError(f"{name}: expected a file path, numpy array, PIL image or torch tensor, "
-                        f"got {type(image).__name__}")
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected (H, W) or (H, W, C) with C in 1, 3, 4 (tensors: (H, W) "
-                         f"or (C, H, W)), got shape {tuple(array.shape)}")
-    if array.shape[-1] == 4:
-        array = array[..., :3]
-    if array.shape[0] < 1 or array.shape[1] < 1:
-        raise ValueError(f"{name}: empty image, shape {tuple(array.shape)}")
-    if np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise ValueError(f"{name}: floating-point images must hold values in [0, 1]")
-    elif array.dtype not in (np.uint8, np.uint16):
-        raise TypeError(f"{name}: unsupported dtype {array.dtype} (use uint8, uint16 or floats "
-                        f"in [0, 1])")
-    return np.ascontiguousarray(array)
-
-
-def _check_sources(arrays: Sequence[np.ndarray], names: Sequence[str]) -> None:
-    if len(arrays) < 2:
-        raise ValueError(f"need at least two source images, got {len(arrays)}")
-    h, w = arrays[0].shape[:2]
-    for a, n in zip(arrays[1:], names[1:], strict=True):
-        if a.shape[:2] != (h, w):
-            raise ValueError(f"sources differ in size: {names[0]} is {w}x{h} (WxH), {n} is "
-                             f"{a.shape[1]}x{a.shape[0]}")
-    for a, n in zip(arrays[1:], names[1:], strict=True):
-        if a.dtype != arrays[0].dtype:
-            raise ValueError(f"sources differ in bit depth: {names[0]} is {arrays[0].dtype}, {n} "
-                             f"is {a.dtype}")
-
-
-# ---------------------------------------------------------------------------------- pair steps
-def min_area(threshold: float, height: int, width: int) -> int:
-    """Smallest component size the consistency check keeps: ``ceil(threshold * H * W)``.
-
-    The original removes components of ``size < area`` with ``area = threshold * H * W`` (a real
-    number); for integer sizes that is ``size < ceil(area)``. The product is evaluated in the
-    original's order so that float rounding is the same.
-    """
-    return math.ceil(threshold * height * width)
 
 
 def to_network_input(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -155,29 +121,121 @@ def to_network_input(array: np.ndarray, device: torch.device, dtype: torch.dtype
     return x.permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype).contiguous()
 
 
-def binary_decision(model: torch.nn.Module, a: np.ndarray, b: np.ndarray,
-                    threshold: float) -> np.ndarray:
-    """Steps 1-4 for one pair: (H, W) bool, True where ``a`` is taken.
+@runtime_checkable
+class Decider(Protocol):
+    """The decision stage: the soft decision map of one pair of sources.
 
-    ``a``, ``b``: (H, W, C) source arrays (see :func:`as_source_array`) of the same size.
+    ``decider(a, b)`` takes two sources as :func:`msidtrans_fast.io.load_sources` returns them,
+    (H, W, C) numpy arrays of one size, C and dtype (C = 1 or 3; uint8, uint16, or float32 in
+    [0, 1]), and returns D: a (H, W) ``torch.float32`` tensor with values in [0, 1], large where
+    ``a`` is in focus, on :attr:`device` (the device the binarise stage then runs on). It must not
+    change its inputs, must give the same D for the same inputs, and reads the whole image (a
+    tiled decider assembles D from tiles).
+
+    ``decider.memory_needed(H, W)`` is the peak memory, in bytes, one call on H x W sources is
+    expected to take on :attr:`device` (an estimate for refusing or warning before the run).
     """
+
+    device: torch.device
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor: ...
+
+    def memory_needed(self, height: int, width: int) -> int: ...
+
+
+class WholeImageDecider:
+    """The network on the whole image at once: ``model(A, B)`` at full resolution, batch 1.
+
+    The model runs in eval mode (its train/eval mode is restored after each call) on its own
+    device and dtype; D comes back as float32 on that device.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        A = to_network_input(a, self.device, self.dtype)
+        B = to_network_input(b, self.device, self.dtype)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return self.model(A, B)[0, 0].float()
+        finally:
+            self.model.train(was_training)
+
+    def memory_needed(self, height: int, width: int) -> int:
+        return estimate_memory(height, width, self.dtype)
+
+
+def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
+                 weights: str | os.PathLike | None = None) -> Decider:
+    """The decision stage for ``options``: the given ``model``, or the bundled (or ``weights``)
+    checkpoint loaded on ``options.device`` in ``options.dtype`` (cached, see :func:`get_model`).
+
+    Raises:
+        ValueError: both model and weights; a device or dtype that differs from the given model's
+            or is not usable here; unreadable weights.
+        FileNotFoundError: a weights file that does not exist.
+    """
+    if model is None:
+        return WholeImageDecider(get_model(weights, options.device, options.dtype))
+    if weights is not None:
+        raise ValueError("pass either model or weights, not both")
     param = next(model.parameters())
-    A = to_network_input(a, param.device, param.dtype)
-    B = to_network_input(b, param.device, param.dtype)
+    if options.device is not None and options.device != "auto" and \
+            _weights.resolve_device(options.device) != param.device:
+        raise ValueError(f"device {options.device!r} differs from the model's device "
+                         f"{param.device}")
+    if options.dtype is not None and _weights.resolve_dtype(options.dtype) != param.dtype:
+        raise ValueError(f"dtype {options.dtype!r} differs from the model's dtype {param.dtype}")
+    return WholeImageDecider(model)
+
+
+# ------------------------------------------------------------------------------ binarise stage
+def min_area(threshold: float, height: int, width: int) -> int:
+    """Smallest component size the consistency check keeps: ``ceil(threshold * H * W)``.
+
+    The original removes components of ``size < area`` with ``area = threshold * H * W`` (a real
+    number); for integer sizes that is ``size < ceil(area)``. The product is evaluated in the
+    original's order so that float rounding is the same.
+    """
+    return math.ceil(threshold * height * width)
+
+
+def binarise(soft: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The binarise stage: ``soft > 0.5``, then the consistency check on the whole map.
+
+    Args:
+        soft: (H, W) float32 soft decision map D in [0, 1] (from a :class:`Decider`).
+        threshold: consistency-check fraction of H * W, in [0, 1); 0 disables the check.
+
+    Returns:
+        (H, W) bool tensor on ``soft``'s device, True where the first source is taken.
+    """
     with torch.inference_mode():
-        D = model(A, B)
-        mask = D.float() > BINARY_LEVEL
+        mask = soft > BINARY_LEVEL
         if threshold > 0:
             from .ops import remove_small_regions
 
-            mask = remove_small_regions(mask, min_area(threshold, a.shape[0], a.shape[1]))
-    return mask[0, 0].cpu().numpy()
+            area = min_area(threshold, *mask.shape)
+            mask = remove_small_regions(mask[None, None], area)[0, 0]
+    return mask
 
 
+def pair_decision(decider: Decider, a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
+    """Decision map then binarise for one pair: (H, W) bool numpy array, True where ``a`` is
+    taken. ``a``, ``b``: (H, W, C) sources as :func:`msidtrans_fast.io.load_sources` returns."""
+    return binarise(decider(a, b), threshold).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------- compose stage
 def fold_stack(arrays: Sequence[np.ndarray],
                decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
                progress: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pairwise fold over sources of one size, channels and dtype.
+    """Pairwise fold over sources of one size, channels and dtype (for two sources: the pair).
 
     ``decide(a, b)`` returns an (H, W) bool map, True where ``a`` is taken. Returns the fused
     (H, W, C) array and an (H, W) int64 map of the source index each pixel came from.
@@ -226,11 +284,48 @@ def stack_runs(num_sources: int) -> int:
     return num_sources - 1
 
 
+@dataclass(frozen=True)
+class Fused:
+    """The result of one fusion.
+
+    Attributes:
+        image: (H, W) for grayscale or (H, W, 3) for RGB sources, the sources' dtype.
+        labels: (H, W) int64, the index of the source each pixel was taken from.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+
+    def decision_map(self, num_sources: int) -> np.ndarray:
+        """What :func:`fuse` returns as the decision map: for a pair, (H, W) float32 D in {0, 1},
+        1 where the first source was taken (the original's binary map); for a stack, labels."""
+        return (self.labels == 0).astype(np.float32) if num_sources == 2 else self.labels
+
+
+def compose(sources: Sequence[np.ndarray],
+            decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
+            progress: Callable[[], None] | None = None) -> Fused:
+    """The compose stage: a pair, a vote (up to :data:`VOTE_MAX_SOURCES`) or a fold, driven by
+    ``decide(a, b)`` -> (H, W) bool, True where ``a`` is taken; ``progress()`` after each."""
+    scheme = vote_stack if 2 < len(sources) <= VOTE_MAX_SOURCES else fold_stack
+    fused, labels = scheme(sources, decide, progress)
+    return Fused(fused[..., 0] if fused.shape[-1] == 1 else fused, labels)
+
+
+def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseOptions,
+                 progress: Callable[[], None] | None = None) -> Fused:
+    """The stages after loading, for sources as :func:`msidtrans_fast.io.load_sources` returns
+    them: decision map and binarise for each pair the compose stage asks about, then compose.
+    ``progress()`` is called after each pair decision (:func:`stack_runs` in all)."""
+    return compose(sources, lambda a, b: pair_decision(decider, a, b, options.threshold),
+                   progress)
+
+
 # ------------------------------------------------------------------------------------- the API
-def fuse(images, *, model: torch.nn.Module | None = None,
+def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module | None = None,
          weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, threshold: float = 0.001,
-         return_decision_map: bool = False):
+         dtype: str | torch.dtype | None = None, threshold: float | None = None,
+         return_decision_map: bool = False, progress: Callable[[], None] | None = None):
     """Fuses two or more images of one scene focused at different depths.
 
     Args:
@@ -239,14 +334,14 @@ def fuse(images, *, model: torch.nn.Module | None = None,
             (uint16) or floating point in [0, 1]; grayscale or RGB (alpha is dropped). All sources
             must share the bit depth; gray and RGB may be mixed (the result is then RGB). More
             than two sources form a focus stack: all are fused (see the module docstring).
+        options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``
+            as keywords (not both). Default threshold: 0.001, as the original.
         model: an :class:`~msidtrans_fast.model.MSIDTrans` to use (put in eval mode for the call;
             inputs go to its device and dtype). Default: the bundled weights, loaded once and
             cached, on ``device`` in ``dtype``.
         weights: a checkpoint path to use instead of the bundled weights (not with ``model``).
-        device: "auto" / None (CUDA if available, else CPU), "cpu", "cuda", "cuda:N".
-        dtype: compute dtype, "float32" (default), "float16" or "bfloat16".
-        threshold: consistency-check fraction of H * W (SPEC "Fusing", step 4); 0 disables it.
         return_decision_map: also return the decision map.
+        progress: called with no argument after each network run (:func:`stack_runs` in all).
 
     Returns:
         ``fused``: (H, W) for grayscale or (H, W, 3) for RGB sources, with the sources' dtype.
@@ -259,57 +354,18 @@ def fuse(images, *, model: torch.nn.Module | None = None,
             sizes or bit depths, a bad threshold, weights, device or dtype.
         torch.OutOfMemoryError: the image does not fit the device (see :func:`estimate_memory`).
     """
-    return fuse_with_progress(images, model=model, weights=weights, device=device, dtype=dtype,
-                              threshold=threshold, return_decision_map=return_decision_map)
-
-
-def fuse_with_progress(images, *, model=None, weights=None, device=None, dtype=None,
-                       threshold=0.001, return_decision_map=False,
-                       progress: Callable[[], None] | None = None):
-    """:func:`fuse` that calls ``progress()`` after each network run (:func:`stack_runs`)."""
-    if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
-        raise TypeError("images must be a sequence of two or more sources (a list of paths, "
-                        "arrays, PIL images or tensors)")
-    images = list(images)
-    names = [str(x) if isinstance(x, (str, os.PathLike)) else f"source {i}"
-             for i, x in enumerate(images)]
-    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not (
-            0 <= threshold < 1):
-        raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}")
-    arrays = [as_source_array(x, n) for x, n in zip(images, names, strict=True)]
-    _check_sources(arrays, names)
-    if any(a.shape[-1] == 3 for a in arrays):
-        arrays = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in arrays]
-
-    if model is None:
-        net = get_model(weights, device, dtype)
-    else:
-        if weights is not None:
-            raise ValueError("pass either model or weights, not both")
-        net = model
-        param = next(net.parameters())
-        if device is not None and device != "auto" and \
-                _weights.resolve_device(device) != param.device:
-            raise ValueError(f"device {device!r} differs from the model's device {param.device}")
-        if dtype is not None and _weights.resolve_dtype(dtype) != param.dtype:
-            raise ValueError(f"dtype {dtype!r} differs from the model's dtype {param.dtype}")
-
-    scheme = vote_stack if 2 < len(arrays) <= VOTE_MAX_SOURCES else fold_stack
-    was_training = net.training
-    net.eval()
-    try:
-        fused, labels = scheme(
-            arrays, lambda a, b: binary_decision(net, a, b, threshold), progress)
-    finally:
-        net.train(was_training)
-
-    if fused.shape[-1] == 1:
-        fused = fused[..., 0]
+    fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold))
+              if v is not None}
+    if options is None:
+        options = FuseOptions(**fields)
+    elif fields:
+        raise ValueError(f"pass either options or {', '.join(fields)}, not both")
+    sources = _io.load_sources(images)
+    decider = make_decider(options, model=model, weights=weights)
+    result = fuse_sources(sources, decider, options, progress)
     if not return_decision_map:
-        return fused
-    if len(arrays) == 2:
-        return fused, (labels == 0).astype(np.float32)
-    return fused, labels
+        return result.image
+    return result.image, result.decision_map(len(sources))
 
 
 def decision_map_image(decision_map: np.ndarray, num_sources: int) -> np.ndarray:

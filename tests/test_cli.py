@@ -219,11 +219,23 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(tree, tmp_path, cap
 def test_out_of_memory_is_detected_or_caught(tree, tmp_path, monkeypatch, capsys):
     from msidtrans_fast import cli
 
-    # before running: a CUDA device reporting too little free memory refuses the size
+    # before running: a CUDA device reporting too little free memory for what the decision stage
+    # needs refuses the size; a decision stage that needs little is not refused
+    class CudaDecider:
+        device = torch.device("cuda")
+
+        def __init__(self, bytes_per_pixel):
+            self.bytes_per_pixel = bytes_per_pixel
+
+        def memory_needed(self, height, width):
+            return self.bytes_per_pixel * height * width
+
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**34))
+    whole_image = CudaDecider(pipeline.BYTES_PER_PIXEL_FP32)
     with pytest.raises(MemoryError, match="GiB"):
-        cli._check_memory(torch.device("cuda"), torch.float32, (4000, 3000), sys.stderr)
-    cli._check_memory(torch.device("cuda"), torch.float32, (24, 32), sys.stderr)
+        cli._check_memory(whole_image, (4000, 3000), sys.stderr)
+    cli._check_memory(whole_image, (24, 32), sys.stderr)
+    cli._check_memory(CudaDecider(8), (4000, 3000), sys.stderr)
     advice = cli._oom_advice(torch.device("cuda"), torch.float32, (3000, 4000))
     assert "--dtype" in advice and "--device cpu" in advice and "4000x3000" in advice
 
@@ -231,7 +243,7 @@ def test_out_of_memory_is_detected_or_caught(tree, tmp_path, monkeypatch, capsys
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
-    monkeypatch.setattr(pipeline, "fuse_with_progress", out_of_memory)
+    monkeypatch.setattr(pipeline, "fuse_sources", out_of_memory)
     a, b = tree["paths"]["rgb8"]
     code = main([str(a), str(b), "-o", str(tmp_path / "f.png"), "--weights",
                  str(tree["weights"])])

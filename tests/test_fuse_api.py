@@ -225,6 +225,63 @@ def test_bad_arguments_raise(contrast_model, contrast_weights):
         fuse(["missing.png", b], model=contrast_model)
 
 
+class GradientDecider:
+    """A decision stage without the network: D rises from 0 to 1 across the image, with a small
+    island of 1 that the consistency check removes."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, a, b):
+        self.calls.append((a.shape, b.shape))
+        h, w = a.shape[:2]
+        d = torch.linspace(0, 1, w).expand(h, w).clone()
+        d[2:4, 2:4] = 1.0
+        return d
+
+    def memory_needed(self, height, width):
+        return 0
+
+
+def test_stages_compose_what_the_decision_stage_says():
+    a, b, c = smooth_image(1), smooth_image(2), smooth_image(3)
+    decider = GradientDecider()
+    assert isinstance(decider, pipeline.Decider)
+    options = pipeline.FuseOptions(threshold=0.01)
+    sources = io.load_sources([a, b])
+    result = pipeline.fuse_sources(sources, decider, options)
+    keep = torch.linspace(0, 1, W).expand(H, W).numpy() > 0.5  # the island is gone
+    np.testing.assert_array_equal(result.image, np.where(keep[..., None], a, b))
+    np.testing.assert_array_equal(result.decision_map(2), keep.astype(np.float32))
+    # without the check the island stays
+    raw = pipeline.binarise(decider(a, b), 0).numpy()
+    assert raw[2:4, 2:4].all() and not keep[2:4, 2:4].any()
+    # a stack asks the same stage about every pair, and reports each run
+    runs = []
+    decider.calls.clear()
+    pipeline.fuse_sources(io.load_sources([a, b, c]), decider, options,
+                          lambda: runs.append(1))
+    assert len(runs) == pipeline.stack_runs(3) == 3 and len(decider.calls) == 3
+
+
+def test_options_object_equals_keywords(contrast_model):
+    a, b = smooth_image(1), smooth_image(2)
+    options = pipeline.FuseOptions(threshold=0.05)
+    np.testing.assert_array_equal(fuse([a, b], options, model=contrast_model),
+                                  fuse([a, b], model=contrast_model, threshold=0.05))
+    with pytest.raises(ValueError, match="either options or threshold"):
+        fuse([a, b], options, model=contrast_model, threshold=0.05)
+    with pytest.raises(ValueError, match="threshold"):
+        pipeline.FuseOptions(threshold=1.0)
+    decider = pipeline.make_decider(options, model=contrast_model)
+    assert isinstance(decider, pipeline.WholeImageDecider)
+    assert decider.memory_needed(1000, 1000) > decider.memory_needed(100, 100) > 0
+    d = decider(io.load_sources([a, b])[0], io.load_sources([a, b])[1])
+    assert d.shape == (H, W) and d.dtype == torch.float32 and 0 <= d.min() <= d.max() <= 1
+
+
 # --------------------------------------------------------------------------------------- weights
 def test_load_model_checkpoint_formats_and_errors(tmp_path, contrast_weights):
     state = torch.load(contrast_weights, weights_only=True)

@@ -32,7 +32,6 @@ import torch
 from scipy import ndimage
 
 from msidtrans_fast import io, pipeline
-from msidtrans_fast.ops import remove_small_regions
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev_gt" / "NYU-D"
 
@@ -57,19 +56,24 @@ def make_stack(sharp: np.ndarray, n: int, step: float, seed: int):
     return sources, layers
 
 
-def focus_decider(threshold: float):
-    def measure(x):
-        g = x.astype(np.float64).mean(-1) if x.ndim == 3 else x.astype(np.float64)
+class FocusDecider:
+    """A decision stage without the network: 1 where ``a`` has the larger local modified
+    Laplacian (9 x 9 mean), else 0 (see ``msidtrans_fast.pipeline.Decider``)."""
+
+    device = torch.device("cpu")
+
+    @staticmethod
+    def _measure(x):
+        g = x.astype(np.float64).mean(-1)
         ml = (np.abs(2 * g - np.roll(g, 1, 0) - np.roll(g, -1, 0))
               + np.abs(2 * g - np.roll(g, 1, 1) - np.roll(g, -1, 1)))
         return ndimage.uniform_filter(ml, 9)
 
-    def decide(a, b):
-        mask = torch.from_numpy(measure(a) > measure(b))[None, None]
-        if threshold > 0:
-            mask = remove_small_regions(mask, pipeline.min_area(threshold, *a.shape[:2]))
-        return mask[0, 0].numpy()
-    return decide
+    def __call__(self, a, b):
+        return torch.from_numpy(self._measure(a) > self._measure(b)).float()
+
+    def memory_needed(self, height, width):
+        return 64 * height * width
 
 
 def psnr(a, b):
@@ -92,12 +96,12 @@ def main() -> None:
 
     files = sorted((args.data / "groundtruth").iterdir())[:args.limit]
     if args.decider == "focus":
-        decide = focus_decider(args.threshold)
+        decider = FocusDecider()
     else:
-        model = pipeline.get_model(args.weights, args.device)
+        decider = pipeline.WholeImageDecider(pipeline.get_model(args.weights, args.device))
 
-        def decide(a, b):
-            return pipeline.binary_decision(model, a, b, args.threshold)
+    def decide(a, b):
+        return pipeline.pair_decision(decider, a, b, args.threshold)
 
     scores = {"fold": [], "vote": []}
     times = {"fold": 0.0, "vote": 0.0}
