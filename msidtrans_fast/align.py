@@ -458,18 +458,14 @@ class AlignedSources:
         return common_area(self.valid)
 
 
-def align_sources(images: Sequence[np.ndarray], model: str = "similarity", *,
-                  names: Sequence[str] | None = None,
-                  interpolation: str = DEFAULT_INTERPOLATION, max_motion: float = MAX_MOTION,
-                  min_correlation: float = MIN_CORRELATION) -> AlignedSources:
-    """Registers every source to the first (:func:`estimate_stack`) and warps it onto the first
-    source's grid (:func:`warp`, filled with the first source where it has no content).
+def warp_sources(images: Sequence[np.ndarray], alignments: Sequence[Alignment],
+                 interpolation: str = DEFAULT_INTERPOLATION) -> AlignedSources:
+    """Warps every source but the first onto the first source's grid (:func:`warp`); where a
+    warped source has no content it holds the first source's pixels (when the shapes agree).
 
-    Raises:
-        AlignmentError: a source cannot be aligned (the message names it).
+    ``images``: (H, W) or (H, W, C) arrays of one size; ``alignments``: one per image, as
+    :func:`estimate_stack` returns them.
     """
-    alignments = estimate_stack(images, model, names=names, max_motion=max_motion,
-                                min_correlation=min_correlation)
     ref = np.asarray(images[0])
     out, valid = [ref], [np.ones(ref.shape[:2], bool)]
     for img, a in zip(images[1:], alignments[1:], strict=True):
@@ -477,7 +473,22 @@ def align_sources(images: Sequence[np.ndarray], model: str = "similarity", *,
         w, v = warp(img, a.matrix, interpolation, fill=ref if ref.shape == img.shape else None)
         out.append(w)
         valid.append(v)
-    return AlignedSources(out, valid, alignments)
+    return AlignedSources(out, valid, list(alignments))
+
+
+def align_sources(images: Sequence[np.ndarray], model: str = "similarity", *,
+                  names: Sequence[str] | None = None,
+                  interpolation: str = DEFAULT_INTERPOLATION, max_motion: float = MAX_MOTION,
+                  min_correlation: float = MIN_CORRELATION) -> AlignedSources:
+    """Registers every source to the first (:func:`estimate_stack`) and warps it onto the first
+    source's grid (:func:`warp_sources`).
+
+    Raises:
+        AlignmentError: a source cannot be aligned (the message names it).
+    """
+    alignments = estimate_stack(images, model, names=names, max_motion=max_motion,
+                                min_correlation=min_correlation)
+    return warp_sources(images, alignments, interpolation)
 
 
 def report(alignments: Sequence[Alignment], names: Sequence[str], height: int,

@@ -10,10 +10,10 @@ different depths): B is moved by a known random similarity (scale 0.97-1.03, rot
 - ``resample``: PSNR of B moved and warped back with the true transform, against B, per
   interpolator (what resampling alone costs);
 - ``fuse``: PSNR and SSIM against the ground truth of the pair fused with the bundled weights when
-  B was never moved, warped back with the true transform (per interpolator), aligned by
-  :mod:`msidtrans_fast.align`, and not aligned. Where a warped source has no content the first
-  source is taken, as in the pipeline. Scores cover the inner area: the largest rectangle where
-  the truly warped-back B has content, less a margin of ``--margin`` px;
+  B was never moved, warped back with the true transform (per interpolator), aligned by the
+  pipeline (``FuseOptions(align=...)``), and not aligned. Where a warped source has no content
+  the first source is taken, as in the pipeline. Scores cover the inner area: the largest
+  rectangle where the truly warped-back B has content, less a margin of ``--margin`` px;
 - ``timing``: estimation and warping time of pairs of 1, 12 and 24 megapixels (a photo of the
   data set scaled up, with noise; the second source moved, the first defocused).
 
@@ -77,24 +77,36 @@ def inner(valid: np.ndarray, margin: int) -> tuple[slice, slice]:
     return slice(t + margin, b - margin), slice(left + margin, r - margin)
 
 
-def fuse_pair(model, a, b, valid, threshold=0.001):
-    """The pipeline's pair step with the no-content rule: the first source where b has none."""
-    from msidtrans_fast.pipeline import binary_decision
+def fuse_warped(decider, a, b_moved, matrix, interpolation):
+    """The pair fused as the pipeline fuses aligned sources, with a given transform."""
+    from msidtrans_fast import pipeline
 
-    keep = binary_decision(model, a, b, threshold) | ~valid
-    return np.where(keep[..., None], a, b)
+    aligned = al.warp_sources([a, b_moved], [al.Alignment(np.eye(3), 1.0, "similarity"),
+                                             al.Alignment(matrix, 1.0, "similarity")],
+                              interpolation)
+    return pipeline.compose(aligned.images, pipeline.content_aware(
+        lambda x, y: pipeline.pair_decision(decider, x, y, 0.001), aligned)).image
+
+
+def centre_crop(image: np.ndarray, side: int) -> np.ndarray:
+    if not side:
+        return image
+    h, w = image.shape[:2]
+    t, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return image[t:t + side, left:left + side]
 
 
 def run_pairs(args) -> dict:
     rng = np.random.default_rng(args.seed)
-    model = None
+    decider = options = None
     if args.fuse:
-        from msidtrans_fast.pipeline import get_model
+        from msidtrans_fast import pipeline
 
-        model = get_model(device="cpu")
+        options = pipeline.FuseOptions(device="cpu", align=args.model)
+        decider = pipeline.make_decider(options)
     rows = []
     for name, gt_p, a_p, b_p in triplets(Path(args.data), args.limit):
-        gt, a, b = (mio.read_image(p) for p in (gt_p, a_p, b_p))
+        gt, a, b = (centre_crop(mio.read_image(p), args.size) for p in (gt_p, a_p, b_p))
         a, b = (x[..., None] if x.ndim == 2 else x for x in (a, b))
         h, w = a.shape[:2]
         truth = random_similarity(rng, h, w)
@@ -124,14 +136,18 @@ def run_pairs(args) -> dict:
                                                           back[rows_, cols_], b[rows_, cols_]
                                                           .squeeze(-1) if b.shape[-1] == 1 else
                                                           b[rows_, cols_])
-        if model is not None:
-            fused = {"never moved": fuse_pair(model, a, b, np.ones((h, w), bool)),
-                     "not aligned": fuse_pair(model, a, b_moved, np.ones((h, w), bool))}
+        if decider is not None:
+            from msidtrans_fast.pipeline import FuseOptions, fuse_sources
+
+            plain = FuseOptions(device="cpu")
+            fused = {"never moved": fuse_sources([a, b], decider, plain).image,
+                     "not aligned": fuse_sources([a, b_moved], decider, plain).image}
             for interp in args.interpolations:
-                back, valid = al.warp(b_moved, truth, interp, fill=a)
-                fused[f"true transform ({interp})"] = fuse_pair(model, a, back, valid)
-            aligned = al.align_sources([a, b_moved], args.model, names=["A", name])
-            fused["aligned"] = fuse_pair(model, a, aligned.images[1], aligned.valid[1])
+                fused[f"true transform ({interp})"] = fuse_warped(decider, a, b_moved, truth,
+                                                                  interp)
+            fused["aligned"] = fuse_sources([a, b_moved], decider, options,
+                                            names=["A", name]).image
+            fused = {k: v[..., None] if v.ndim == 2 else v for k, v in fused.items()}
             ref = gt[rows_, cols_]
             for what, f in fused.items():
                 f = f[rows_, cols_, 0] if f.shape[-1] == 1 else f[rows_, cols_]
@@ -145,12 +161,21 @@ def run_pairs(args) -> dict:
     return summarise(rows)
 
 
+def pooled_psnr(values: list[float]) -> float:
+    """PSNR (peak 255) of the mean squared error behind per-pair PSNRs."""
+    mse = float(np.mean([255.0 ** 2 / 10 ** (v / 10) for v in values]))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
 def summarise(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
     keys = [k for k in ok[0] if k != "name"] if ok else []
     errors = np.array([r["corner_rms_px"] for r in ok])
+    # PSNR is pooled (the PSNR of the mean squared error over the pairs): a pair fused exactly
+    # (infinite PSNR) then counts as zero error instead of making the mean infinite.
     out = {"pairs": len(rows), "failures": [r for r in rows if "error" in r],
-           "mean": {k: float(np.mean([r[k] for r in ok])) for k in keys},
+           "mean": {k: pooled_psnr([r[k] for r in ok]) if k.startswith("psnr") else
+                    float(np.mean([r[k] for r in ok])) for k in keys},
            "corner_rms_px_over_pairs": float(np.sqrt((errors ** 2).mean())) if ok else None,
            "corner_rms_px_max": float(errors.max()) if ok else None,
            "rows": rows}
@@ -201,6 +226,8 @@ def main(argv=None) -> int:
                    help="change the moved source's exposure: gain within 1 +- GAIN and offset "
                         "within +- GAIN/4 of the range")
     p.add_argument("--margin", type=int, default=8)
+    p.add_argument("--size", type=int, default=0,
+                   help="cut the triplets to their centre SIZE x SIZE first (network run time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
