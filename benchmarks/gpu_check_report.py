@@ -27,6 +27,10 @@ IMPORTS = ("torch", "triton", "numpy", "PIL", "pywt", "pytest", "pytest_benchmar
            "msidtrans_fast.triton_backend", "msidtrans_fast.pipeline", "msidtrans_fast.weights",
            "msidtrans_fast.io", "msidtrans_fast.ops", "msidtrans_fast.losses",
            "baselines", "bench_model", "bench_attention", "bench_ops", "decision_agreement")
+#: Names the steps use from those modules.
+ATTRIBUTES = {"msidtrans_fast.pipeline": ("to_network_input", "binarise", "BINARY_LEVEL"),
+              "msidtrans_fast.weights": ("load_model",), "msidtrans_fast.io": ("read_image",),
+              "msidtrans_fast.ops": ("compiled",), "baselines": ("build_runner",)}
 
 
 def check_imports() -> int:
@@ -34,7 +38,10 @@ def check_imports() -> int:
     failed = 0
     for name in IMPORTS:
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
+            missing = [a for a in ATTRIBUTES.get(name, ()) if not hasattr(module, a)]
+            if missing:
+                raise AttributeError(f"no {', '.join(missing)}")
             print(f"  import {name}: ok")
         except Exception as error:  # noqa: BLE001 - every failure is reported, then counted
             failed += 1
