@@ -21,7 +21,8 @@ Modes:
 
 The network runs on a seeded untrained model (the time does not depend on the weights), ``fuse``
 on the bundled weights. Prints one JSON line: size, threads, CPU and flags, and per mode the
-median and all times (s); plus the peak RSS (MiB).
+median and all times (s); for ``fuse-*`` also the median time spent outside the network
+(the call's time minus its forward, timed by hooks on the model); plus the peak RSS (MiB).
 """
 
 from __future__ import annotations
@@ -65,6 +66,21 @@ def cpu_description() -> dict:
             "native_bf16": weights.cpu_native_bf16()}
 
 
+#: Seconds each network forward inside the ``fuse-*`` modes took, in call order.
+NETWORK_TIMES: list[float] = []
+
+
+def _time_network(model) -> None:
+    """Records the time of every forward of ``model`` in :data:`NETWORK_TIMES` (hooks)."""
+    if getattr(model, "_timed", False):
+        return
+    starts = []
+    model.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    model.register_forward_hook(
+        lambda *_: NETWORK_TIMES.append(time.perf_counter() - starts.pop()))
+    model._timed = True
+
+
 def make_runner(mode: str, size: int):
     """A no-argument callable running ``mode`` once on a fixed random pair of side ``size``."""
     g = torch.Generator().manual_seed(0)
@@ -74,7 +90,8 @@ def make_runner(mode: str, size: int):
         b = np.ascontiguousarray(a[:, ::-1])
         dtype = mode.removeprefix("fuse-")
         dtype = "float32" if dtype == "fp32" else dtype
-        pipeline.get_model(None, "cpu", dtype)  # load once, as repeated calls do
+        model = pipeline.get_model(None, "cpu", dtype)  # load once, as repeated calls do
+        _time_network(model)
         return lambda: pipeline.fuse([a, b], device="cpu", dtype=dtype)
     torch.manual_seed(0)
     model = MSIDTrans().eval()
@@ -102,17 +119,24 @@ def main() -> None:
     for run in runners.values():  # warm-up: first-call allocations and caches
         run()
     times = {mode: [] for mode in runners}
+    outside = {mode: [] for mode in runners if mode.startswith("fuse-")}
     for _ in range(args.repeats):
         for mode, run in runners.items():
+            NETWORK_TIMES.clear()
             start = time.perf_counter()
             run()
             times[mode].append(time.perf_counter() - start)
+            if mode in outside:
+                outside[mode].append(times[mode][-1] - sum(NETWORK_TIMES))
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     result = {"size": args.size, "threads": torch.get_num_threads(), "torch": torch.__version__,
               **cpu_description(),
               "median_s": {m: round(t, 3) for m, t in medians.items()},
               "times_s": {m: [round(x, 3) for x in t] for m, t in times.items()},
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if outside:  # fuse's work outside the network: reading the arrays, binarising, composing
+        result["outside_network_s"] = {m: round(statistics.median(t), 3)
+                                       for m, t in outside.items()}
     if "original" in medians:
         result["speedup_vs_original"] = {m: round(medians["original"] / t, 2)
                                          for m, t in medians.items() if m != "original"}

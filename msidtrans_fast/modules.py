@@ -79,6 +79,10 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _in_place() -> bool:
     """Whether activations may be overwritten: only where autograd records nothing (less memory,
     no fresh allocation)."""
@@ -232,7 +236,14 @@ class MSSEModule(_WaveletHighLayer):
         out = F.conv2d(x, wx, bx)
         for branch, w in zip((parallel.branch1, parallel.branch2, parallel.branch3),
                              (w1, w2, w3), strict=True):
-            out.add_(F.conv2d(F.mish(branch(t), inplace=True), w))
+            y = F.mish(branch(t), inplace=True)
+            if _channels_last(out) and _channels_last(y):
+                # (b, H, W, C) rows: the 1x1 convolution accumulates into ``out`` as one GEMM,
+                # without a temporary of out's size.
+                rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
+                rows.addmm_(y.permute(0, 2, 3, 1).view(-1, y.shape[1]), w.flatten(1).t())
+            else:
+                out.add_(F.conv2d(y, w))
         return out
 
 

@@ -173,3 +173,15 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags():
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags on this system")
     assert weights.cpu_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_inference_shortcuts_match_the_autograd_path(layout):
+    # In-place activations, the split 1x1 projection of the first encoder and the fused
+    # channels-last LayerNorm run only without autograd; with it, the plain formulas run.
+    model, (A, B) = _model(), _pair(side=40)
+    model.to(memory_format=layout)
+    with torch.enable_grad():
+        plain = model(A, B)
+    assert plain.requires_grad
+    assert rel_err(_run(model, A, B), plain) <= FP32_FWD_REL
