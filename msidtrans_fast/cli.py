@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consistency check: regions smaller than FRACTION of the image are merged "
                         "into their surroundings (0 disables it; default 0.001 as the original), "
                         "e.g. --threshold 0")
+    from .decision import DECISION_RULES, DEFAULT_RULE
+
+    p.add_argument("--decision-rule", choices=DECISION_RULES, default=DEFAULT_RULE,
+                   help="how the network's soft map becomes source choices: original (D > 0.5, "
+                        "as the original code) or flat (each flat, featureless region takes one "
+                        "source throughout, so exposure differences between the sources do not "
+                        f"show as blotches); default {DEFAULT_RULE}, e.g. --decision-rule flat")
     p.add_argument("--save-decision-map", action="store_true",
                    help="also write the binary decision map (white where the first source was "
                         "taken; for stacks, grey levels by source) as NAME-dm.png beside each "
@@ -250,7 +257,8 @@ def run(args, stdout, stderr) -> int:
         raise BadInput(f"--threshold must be in [0, 1), got {args.threshold}")
     from .pipeline import FuseOptions
 
-    options = FuseOptions(device=device, dtype=dtype, threshold=threshold)
+    options = FuseOptions(device=device, dtype=dtype, threshold=threshold,
+                          decision_rule=args.decision_rule)
     if args.weights is not None and not Path(args.weights).is_file():
         raise BadInput(f"weights file not found: {args.weights}")
 

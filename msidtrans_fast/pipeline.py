@@ -45,6 +45,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from . import decision as _decision
 from . import io as _io
 from . import weights as _weights
 
@@ -87,17 +88,22 @@ class FuseOptions:
         dtype: compute dtype of the network, "float32" (None: float32, or the given model's
             dtype), "bfloat16", or "float16" (CUDA only), or a ``torch.dtype``.
         threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
+        decision_rule: how the binarise stage turns D into source choices, a name of
+            :data:`msidtrans_fast.decision.DECISION_RULES` (default
+            :data:`msidtrans_fast.decision.DEFAULT_RULE`; ``"original"`` is the original's).
 
     Raises:
-        ValueError: a threshold outside [0, 1) (device and dtype are checked when the network
-            is loaded, by :func:`make_decider`).
+        ValueError: a threshold outside [0, 1) or an unknown decision rule (device and dtype
+            are checked when the network is loaded, by :func:`make_decider`).
     """
 
     device: str | torch.device | None = None
     dtype: str | torch.dtype | None = None
     threshold: float = 0.001
+    decision_rule: str = _decision.DEFAULT_RULE
 
     def __post_init__(self):
+        _decision.check_rule(self.decision_rule)
         t = self.threshold
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 <= t < 1:
             raise ValueError(f"threshold must be a number in [0, 1), got {t!r}")
@@ -205,18 +211,31 @@ def min_area(threshold: float, height: int, width: int) -> int:
     return math.ceil(threshold * height * width)
 
 
-def binarise(soft: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The binarise stage: ``soft > 0.5``, then the consistency check on the whole map.
+def binarise(soft: torch.Tensor, threshold: float, rule: str = _decision.DEFAULT_RULE,
+             a: np.ndarray | None = None, b: np.ndarray | None = None) -> torch.Tensor:
+    """The binarise stage: ``soft > 0.5``, the decision rule, then the consistency check on the
+    whole map.
 
     Args:
         soft: (H, W) float32 soft decision map D in [0, 1] (from a :class:`Decider`).
         threshold: consistency-check fraction of H * W, in [0, 1); 0 disables the check.
+        rule: a name of :data:`msidtrans_fast.decision.DECISION_RULES`: ``"original"`` (nothing
+            between the threshold and the check) or ``"flat"`` (each flat region takes one
+            source, :func:`msidtrans_fast.decision.fill_flat_regions`).
+        a, b: the pair's sources, (H, W, C) as :func:`msidtrans_fast.io.load_sources` returns
+            them; the ``"flat"`` rule needs them.
 
     Returns:
         (H, W) bool tensor on ``soft``'s device, True where the first source is taken.
     """
+    _decision.check_rule(rule)
     with torch.inference_mode():
         mask = soft > BINARY_LEVEL
+        if rule == "flat":
+            if a is None or b is None:
+                raise ValueError("the 'flat' decision rule needs the sources a and b")
+            flat = torch.from_numpy(_decision.flat_regions(a, b)).to(mask.device)
+            mask = _decision.fill_flat_regions(mask, flat)
         if threshold > 0:
             from .ops import remove_small_regions
 
@@ -225,10 +244,11 @@ def binarise(soft: torch.Tensor, threshold: float) -> torch.Tensor:
     return mask
 
 
-def pair_decision(decider: Decider, a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
+def pair_decision(decider: Decider, a: np.ndarray, b: np.ndarray, threshold: float,
+                  rule: str = _decision.DEFAULT_RULE) -> np.ndarray:
     """Decision map then binarise for one pair: (H, W) bool numpy array, True where ``a`` is
     taken. ``a``, ``b``: (H, W, C) sources as :func:`msidtrans_fast.io.load_sources` returns."""
-    return binarise(decider(a, b), threshold).cpu().numpy()
+    return binarise(decider(a, b), threshold, rule, a, b).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------- compose stage
@@ -317,7 +337,8 @@ def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseO
     """The stages after loading, for sources as :func:`msidtrans_fast.io.load_sources` returns
     them: decision map and binarise for each pair the compose stage asks about, then compose.
     ``progress()`` is called after each pair decision (:func:`stack_runs` in all)."""
-    return compose(sources, lambda a, b: pair_decision(decider, a, b, options.threshold),
+    return compose(sources, lambda a, b: pair_decision(decider, a, b, options.threshold,
+                                                       options.decision_rule),
                    progress)
 
 
@@ -325,7 +346,8 @@ def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseO
 def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module | None = None,
          weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, threshold: float | None = None,
-         return_decision_map: bool = False, progress: Callable[[], None] | None = None):
+         decision_rule: str | None = None, return_decision_map: bool = False,
+         progress: Callable[[], None] | None = None):
     """Fuses two or more images of one scene focused at different depths.
 
     Args:
@@ -334,8 +356,9 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
             (uint16) or floating point in [0, 1]; grayscale or RGB (alpha is dropped). All sources
             must share the bit depth; gray and RGB may be mixed (the result is then RGB). More
             than two sources form a focus stack: all are fused (see the module docstring).
-        options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``
-            as keywords (not both). Default threshold: 0.001, as the original.
+        options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``,
+            ``decision_rule`` as keywords (not both). Default threshold: 0.001, as the original;
+            ``decision_rule="original"`` binarises as the original does.
         model: an :class:`~msidtrans_fast.model.MSIDTrans` to use (put in eval mode for the call;
             inputs go to its device and dtype). Default: the bundled weights, loaded once and
             cached, on ``device`` in ``dtype``.
@@ -354,8 +377,8 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
             sizes or bit depths, a bad threshold, weights, device or dtype.
         torch.OutOfMemoryError: the image does not fit the device (see :func:`estimate_memory`).
     """
-    fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold))
-              if v is not None}
+    fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold),
+                                ("decision_rule", decision_rule)) if v is not None}
     if options is None:
         options = FuseOptions(**fields)
     elif fields:
