@@ -2,13 +2,14 @@
 
 ``"original"`` -- the original ``Eval.py``: ``D > 0.5``, then the consistency check.
 ``"flat"`` -- as ``"original"``, but before the consistency check every connected flat region
-    (where neither source carries focus information: low gradient energy in both,
-    :func:`msidtrans_fast.metrics.flat_mask`) takes one source as a whole, the one most of its
-    pixels chose (``D > 0.5``; a tie goes to the second source, as D = 0.5 does). In such regions
-    the network has nothing to decide on, and its decisions scatter into blotches that show as
-    soon as the sources differ in brightness (real cameras change exposure and vignetting as
-    they refocus). One source per flat region leaves switches only on the region's textured
-    border, where detail masks them.
+    takes one source as a whole, the one most of its pixels chose (``D > 0.5``; a tie goes to the
+    second source, as D = 0.5 does). Flat regions (:func:`flat_regions`) are where neither source
+    carries focus information (low gradient energy in both, :func:`msidtrans_fast.metrics.
+    flat_mask`) and the sources differ visibly in brightness (:func:`msidtrans_fast.metrics.
+    brightness_differs`; real cameras change exposure and vignetting as they refocus). There the
+    network has nothing to decide on, and its decisions scatter into blotches that the brightness
+    difference makes visible; one source per region leaves switches only on the region's border.
+    Where the sources are equally bright a switch is invisible, and the network's choice stays.
 
 :func:`msidtrans_fast.pipeline.binarise` applies the rules.
 """
@@ -28,7 +29,7 @@ DEFAULT_RULE = "original"
 
 #: Flat level of the ``"flat"`` rule: the largest local RMS gradient, in grey levels per pixel,
 #: of a flat pixel (see :func:`msidtrans_fast.metrics.flat_mask`).
-FLAT_LEVEL = 1.0
+FLAT_LEVEL = 2.0
 
 
 def check_rule(rule: str) -> str:
@@ -51,14 +52,16 @@ def _on_8bit_scale(x: np.ndarray) -> np.ndarray:
 
 
 def flat_regions(a: np.ndarray, b: np.ndarray, level: float = FLAT_LEVEL) -> np.ndarray:
-    """Where neither source carries focus information: (H, W) bool.
+    """Where neither source carries focus information and their brightness differs visibly:
+    (H, W) bool.
 
     Args:
         a, b: the sources, (H, W) or (H, W, C) with C = 1 or 3, of one size: uint8, uint16, or
             floats in [0, 1] (as :func:`msidtrans_fast.io.load_sources` returns them).
         level: largest local RMS gradient of a flat pixel, in 8-bit grey levels per pixel.
     """
-    return _metrics.flat_mask(_on_8bit_scale(a), _on_8bit_scale(b), level=level)
+    a, b = _on_8bit_scale(a), _on_8bit_scale(b)
+    return _metrics.flat_mask(a, b, level=level) & _metrics.brightness_differs(a, b)
 
 
 def fill_flat_regions(decision: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
