@@ -14,7 +14,9 @@ fusion the stages are:
    the network as RGB in [-1, 1] (value / 255 or / 65535, gray replicated, then mean 0.5 / std 0.5)
    at full resolution, batch 1, eval mode, under ``torch.inference_mode``
    (:class:`WholeImageDecider`);
-4. **binarise** (:func:`binarise`): ``D > 0.5``, then the consistency check on the whole map: with
+4. **binarise** (:func:`binarise`): ``D > 0.5``; the decision rule (``options.decision_rule``:
+   ``"original"`` adds nothing, ``"flat"`` gives each flat region one source, see
+   :mod:`msidtrans_fast.decision`); then the consistency check on the whole map: with
    ``area = threshold * H * W``, 4-connected foreground then background components of strictly
    fewer than ``area`` pixels are flipped (:func:`msidtrans_fast.ops.remove_small_regions` with
    ``min_area = ceil(area)``, which removes exactly the components of size ``s < area``);
