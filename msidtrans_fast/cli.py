@@ -229,8 +229,11 @@ def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None, options=N
             raise BadInput(f"JPEG holds 8-bit images only; these sources are 16-bit: write "
                            f"{job.output.with_suffix('.png')} or .tif instead")
         if options is not None and options.align is not None:
-            _estimate_alignment(job, mio.load_sources(arrays), options, names)
-        if len(jobs) == 1:
+            sources = mio.load_sources(arrays)
+            _estimate_alignment(job, sources, options, names)
+            if len(jobs) == 1:
+                job.arrays = sources
+        elif len(jobs) == 1:
             job.arrays = mio.load_sources(arrays)
 
 
