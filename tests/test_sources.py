@@ -100,5 +100,5 @@ def test_pairing_rule_is_shared(tmp_path):
         evaluate.check_source_pairs(a, b)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ValueError, match="no images"):
+        with pytest.raises(ValueError, match="holds no image file"):
             io.list_images(tmp_path)
