@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .kernels import msa_attention as _attention_kernels
 from .kernels import token_embedding as _kernels
 
 
@@ -176,8 +177,10 @@ def token_embedding(x: torch.Tensor, norm, attention) -> tuple[torch.Tensor, tor
             hold dwconv, BN and the 1x1 projection for queries (0) and keys/values (1)).
 
     Returns:
-        ``(q, k, v)``: q (b, 3, d, H*W) contiguous; k, v (b, 3, d, Hk*Wk), the two halves of one
-        contiguous (b, 3, 2d, Hk*Wk) tensor. Scale index on axis 1, row-major pixels.
+        ``(q, k, v)``: q (b, 3, d, H*W); k, v (b, 3, d, Hk*Wk), the two halves of one
+        (b, 3, 2d, Hk*Wk) tensor. Scale index on axis 1, row-major pixels, token stride 1. The
+        token axis is padded to a multiple of 16 elements (q and the key/value tensor are views
+        of zero-padded buffers) so that the attention kernels load aligned 16-byte vectors.
     """
     embeds = attention.Multi_scale_Token_Embeding
     d = attention.dim_head
@@ -189,5 +192,13 @@ def token_embedding(x: torch.Tensor, norm, attention) -> tuple[torch.Tensor, tor
         y = ln_dwconv(x, norm.g.to(x.dtype), norm.b.to(x.dtype), weight.to(x.dtype), stride,
                       norm.eps)
         outs.append(_bn_project(y, [net[1] for net in nets], [net[2] for net in nets]))
-    q, kv = outs
+    q, kv = (_pad_tokens(t) for t in outs)
     return q, kv[:, :, :d], kv[:, :, d:]
+
+
+def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) as a view of a zero-padded (..., N') tensor, N' the next multiple of
+    ``TOKEN_ALIGN``: every stride but the token one becomes a multiple of it."""
+    n = t.shape[-1]
+    pad = -n % _attention_kernels.TOKEN_ALIGN
+    return F.pad(t, (0, pad))[..., :n] if pad else t

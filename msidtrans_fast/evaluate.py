@@ -321,7 +321,8 @@ def evaluate(sources: str | Path, fused: str | Path | None = None,
 
 
 # ----------------------------------------------------------------------------------- reporting
-_DIGITS = {"Qabf": 4, "Qcb": 4, "NMI": 4, "Qy": 4, "SF": 3, "AG": 3, "SSIM": 4, "PSNR": 2}
+_DIGITS = {"Qabf": 4, "Qcb": 4, "NMI": 4, "Qy": 4, "SF": 3, "AG": 3, "SSIM": 4, "PSNR": 2,
+           "Blotch": 3}
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -375,7 +376,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Score multi-focus fused images with the standard "
-                "objective metrics (Qabf, Qcb, NMI, Qy, SF, AG; SSIM/PSNR with a ground truth).")
+                "objective metrics (Qabf, Qcb, NMI, Qy, SF, AG; SSIM/PSNR with a ground truth) "
+                "and Blotch, the share of flat pixels on a switch of source.")
     p.add_argument("--sources", required=True, metavar="ROOT",
                    help="folder holding sourceA/ and sourceB/ (and optionally groundtruth/)")
     p.add_argument("--fused", metavar="DIR", help="folder of fused images, one per source pair "

@@ -18,6 +18,13 @@ Which library does what, and why (measured with Pillow 13, tifffile 2026.3, pypn
 - OpenCV (``opencv-python-headless``) would do all of this and faster, but it is a 61 MB wheel for a
   job three small libraries do exactly; it was measured and not chosen.
 
+Camera metadata (:func:`read_metadata`, Pillow reads it from every format without decoding the
+pixels): the EXIF orientation is applied on reading, so a portrait photo stays portrait, and
+:func:`write_image` can carry the EXIF block (orientation reset to "upright") and the ICC colour
+profile of a source into JPEG and PNG outputs; TIFF outputs get the ICC profile and the EXIF
+description tags (camera make and model, date, author, copyright), not the EXIF exposure directory,
+which ``tifffile`` cannot write.
+
 Writes are atomic: the image goes to a temporary file in the target directory, which is then moved
 into place (``os.link`` when the target must not be overwritten, so an existing file is never
 clobbered, else ``os.replace``). A failed write leaves nothing behind.
@@ -25,10 +32,13 @@ clobbered, else ``os.replace``). A failed write leaves nothing behind.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
 import warnings
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,15 +132,86 @@ def pair_images(*lists: list[Path]) -> list[tuple[Path, ...]]:
     return list(zip(*lists, strict=True))
 
 
+#: EXIF tags of the first directory that describe the photo (not the file's layout) and are
+#: carried into outputs: description, make, model, software, date, artist, copyright.
+EXIF_DESCRIPTION_TAGS = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298)
+_EXIF_ORIENTATION = 0x0112
+#: EXIF sub-directories carried into JPEG and PNG outputs: the EXIF (exposure) and GPS data.
+_EXIF_SUB_IFDS = (0x8769, 0x8825)
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    """Camera metadata of an image file.
+
+    ``orientation``: the EXIF orientation (1-8; 1 = upright), which :func:`read_image` applies.
+    ``exif``: the EXIF block as Pillow writes it (``b"Exif\\0\\0"`` + a TIFF structure) with the
+    orientation set to 1, holding the description tags and the EXIF and GPS directories; or None.
+    ``icc_profile``: the embedded ICC colour profile, or None.
+    """
+
+    orientation: int = 1
+    exif: bytes | None = None
+    icc_profile: bytes | None = None
+
+
+def read_metadata(path: str | os.PathLike) -> ImageMetadata:
+    """The EXIF orientation, EXIF block and ICC profile of an image file (empty metadata when
+    the file has none or Pillow cannot parse its header)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            source = im.getexif()
+            icc = im.info.get("icc_profile") or None
+            exif = Image.Exif()
+            for tag in EXIF_DESCRIPTION_TAGS:
+                if tag in source:
+                    exif[tag] = source[tag]
+            for tag in _EXIF_SUB_IFDS:
+                if tag in source:
+                    exif.get_ifd(tag).update(source.get_ifd(tag))
+            orientation = source.get(_EXIF_ORIENTATION, 1)
+    except Exception:  # no parsable header: the pixels may still be readable, by another decoder
+        return ImageMetadata()
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        orientation = 1
+    if len(exif) or any(exif.get_ifd(t) for t in _EXIF_SUB_IFDS):
+        exif[_EXIF_ORIENTATION] = 1
+        return ImageMetadata(orientation, exif.tobytes(), icc)
+    return ImageMetadata(orientation, None, icc)
+
+
+def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Turns an (H, W[, C]) array as stored in a file into its upright view, for EXIF
+    orientation 1-8 (as Pillow's ``ImageOps.exif_transpose``); other values leave it as is."""
+    if orientation == 2:
+        return array[:, ::-1]
+    if orientation == 3:
+        return array[::-1, ::-1]
+    if orientation == 4:
+        return array[::-1]
+    if orientation == 5:
+        return array.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(array, -1)
+    if orientation == 7:
+        return array[::-1, ::-1].swapaxes(0, 1)
+    if orientation == 8:
+        return np.rot90(array, 1)
+    return array
+
+
 # ------------------------------------------------------------------------------------- reading
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Reads an image file.
+    """Reads an image file, turned upright by its EXIF orientation.
 
     The format is recognised from the file's content, not its name: PNG and TIFF at 8 or 16 bits,
     JPEG, and anything else Pillow opens at 8 bits (BMP, WebP, ...).
 
     Returns:
-        (H, W) or (H, W, 3) array of dtype uint8 or uint16.
+        (H, W) or (H, W, 3) array of dtype uint8 or uint16 (a portrait photo stored sideways with
+        an EXIF orientation comes back H > W).
 
     Raises:
         FileNotFoundError: no such file.
@@ -158,7 +239,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise
     except Exception as e:  # any decoder failure means a damaged or foreign file
         raise ImageFormatError(f"not a readable image: {path} ({type(e).__name__}: {e})") from e
-    return _canonical(array, path)
+    array = _canonical(array, path)
+    return np.ascontiguousarray(apply_orientation(array, read_metadata(path).orientation))
 
 
 def _canonical(array: np.ndarray, path: Path) -> np.ndarray:
@@ -393,7 +475,8 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool = False,
     return path
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray, *, overwrite: bool = False) -> Path:
+def write_image(path: str | os.PathLike, array: np.ndarray, *, overwrite: bool = False,
+                metadata: ImageMetadata | None = None) -> Path:
     """Writes an image atomically; the format follows the suffix.
 
     Args:
@@ -402,6 +485,9 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, overwrite: bool =
         array: (H, W) or (H, W, 3), uint8 or uint16 ((H, W, 1) is written as grayscale).
         overwrite: replace an existing file; otherwise an existing file raises FileExistsError
             and is left untouched.
+        metadata: EXIF and ICC profile to embed (see :func:`read_metadata`; its orientation is
+            not used: ``array`` is written upright). JPEG and PNG get both; TIFF the ICC profile
+            and the EXIF description tags.
 
     Returns:
         The path written.
@@ -419,23 +505,22 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, overwrite: bool =
         raise ValueError(f"JPEG holds 8-bit images only; write 16-bit images as PNG or TIFF: "
                          f"{path}")
 
+    meta = metadata or ImageMetadata()
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         os.close(fd)
         if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            tifffile.imwrite(tmp, array, photometric="rgb" if array.ndim == 3 else "minisblack",
-                             compression="zlib")
+            _write_tiff(tmp, array, meta)
         else:
             with open(tmp, "wb") as f:
                 if suffix in PNG_SUFFIXES:
-                    _write_png(f, array)
+                    _write_png(f, array, meta)
                 else:
                     from PIL import Image
 
-                    Image.fromarray(array).save(f, format="JPEG", quality=95)
+                    Image.fromarray(array).save(f, format="JPEG", quality=95,
+                                                **_pillow_metadata(meta))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -447,18 +532,62 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, overwrite: bool =
     return path
 
 
-def _write_png(f, array: np.ndarray) -> None:
+def _pillow_metadata(meta: ImageMetadata) -> dict:
+    """Keyword arguments of Pillow's ``save`` embedding ``meta``."""
+    kwargs = {}
+    if meta.exif:
+        kwargs["exif"] = meta.exif
+    if meta.icc_profile:
+        kwargs["icc_profile"] = meta.icc_profile
+    return kwargs
+
+
+def _write_png(f, array: np.ndarray, meta: ImageMetadata) -> None:
     if array.dtype == np.uint8:
         from PIL import Image
 
-        Image.fromarray(array).save(f, format="PNG")
+        Image.fromarray(array).save(f, format="PNG", **_pillow_metadata(meta))
         return
     import png
 
     height, width = array.shape[:2]
     planes = 1 if array.ndim == 2 else 3
     writer = png.Writer(width, height, greyscale=planes == 1, bitdepth=16)
-    writer.write(f, array.reshape(height, width * planes))
+    rows = array.reshape(height, width * planes)
+    if not (meta.exif or meta.icc_profile):
+        writer.write(f, rows)
+        return
+    # pypng writes no iCCP or eXIf chunk: add them after IHDR (both must precede IDAT)
+    buffer = io.BytesIO()
+    writer.write(buffer, rows)
+    chunks = list(png.Reader(bytes=buffer.getvalue()).chunks())
+    extra = []
+    if meta.icc_profile:
+        extra.append((b"iCCP", b"ICC profile\0\0" + zlib.compress(meta.icc_profile)))
+    if meta.exif:
+        extra.append((b"eXIf", meta.exif.removeprefix(b"Exif\0\0")))
+    png.write_chunks(f, chunks[:1] + extra + chunks[1:])
+
+
+def _write_tiff(path: Path, array: np.ndarray, meta: ImageMetadata) -> None:
+    import tifffile
+    from PIL import Image
+
+    tags, named = [], {"software": False, "description": None}  # no tifffile signature or JSON
+    if meta.exif:
+        exif = Image.Exif()
+        exif.load(meta.exif)
+        for tag in EXIF_DESCRIPTION_TAGS:
+            value = exif.get(tag)
+            if not (isinstance(value, str) and value and value.isascii()):
+                continue
+            if tag in (0x010E, 0x0131):  # tifffile writes these two itself
+                named["description" if tag == 0x010E else "software"] = value
+            else:
+                tags.append((tag, "s", 0, value, True))
+    tifffile.imwrite(path, array, photometric="rgb" if array.ndim == 3 else "minisblack",
+                     compression="zlib", iccprofile=meta.icc_profile, extratags=tags,
+                     metadata=None, **named)
 
 
 def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -32,6 +32,7 @@ except ImportError as exc:  # not built, or built against another torch
 
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"
 _warned = False
+_warned_cuda = False
 
 #: dtypes the compiled Haar split handles, per device type.
 _HAAR_DTYPES = {
@@ -63,6 +64,18 @@ def pytorch_fallback():
         yield
     finally:
         _fallback_forced = before
+
+
+def _warn_no_cuda(device: torch.device) -> None:
+    """Once: CUDA tensors take the PyTorch fallback because ``_C`` was built without CUDA."""
+    global _warned_cuda
+    if device.type == "cuda" and _C is not None and not _C.has_cuda() and not _warned_cuda:
+        _warned_cuda = True
+        warnings.warn(
+            "msidtrans_fast._C was built without its CUDA kernels, so CUDA tensors use the slower "
+            "PyTorch fallbacks of haar_split and remove_small_regions. To get them, install a "
+            f"CUDA build of torch and nvcc (or set FORCE_CUDA=1), then {_BUILD_HINT}.",
+            RuntimeWarning, stacklevel=3)
 
 
 def _has_device(device: torch.device) -> bool:
@@ -180,6 +193,7 @@ def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _warn_missing()
         return reference.haar_split(x)
     if not _has_device(x.device) or x.dtype not in _HAAR_DTYPES.get(x.device.type, ()):
+        _warn_no_cuda(x.device)
         return reference.haar_split(x)
     return torch.ops.msidtrans_fast.haar_split_forward(x.contiguous())
 
@@ -291,4 +305,5 @@ def remove_small_regions(mask: torch.Tensor, min_area: int) -> torch.Tensor:
         return out.unsqueeze(1).to(mask.dtype)
     if _C is None:
         _warn_missing()
+    _warn_no_cuda(mask.device)
     return _remove_small_regions_fallback(binary[:, 0], area).unsqueeze(1).to(mask.dtype)

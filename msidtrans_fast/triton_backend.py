@@ -31,8 +31,12 @@ NAME = "triton"
 
 def _interpreted() -> bool:
     """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET at import)."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_attention_kernels._msa_fwd_kernel, InterpretedFunction)
+    kernel = _attention_kernels._msa_fwd_kernel
+    while isinstance(kernel, Autotuner):
+        kernel = kernel.fn
+    return isinstance(kernel, InterpretedFunction)
 
 
 def can_run(device: torch.device) -> str | None:

@@ -183,6 +183,44 @@ def test_fallback_warns_once(monkeypatch):
     assert torch.equal(low, reference.haar_split(x)[0])
 
 
+class _CpuOnlyExtension:
+    """Stands in for an ``_C`` built without CUDA."""
+
+    @staticmethod
+    def has_cuda() -> bool:
+        return False
+
+
+def test_cuda_fallback_warns_once(monkeypatch):
+    """An extension built without CUDA: the first CUDA tensor that takes a fallback warns, once;
+    CPU tensors never do."""
+    monkeypatch.setattr(ops, "_C", _CpuOnlyExtension())
+    monkeypatch.setattr(ops, "_warned_cuda", False)
+    assert ops.compiled()["haar_split"] == {"cpu": True, "cuda": False}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ops._warn_no_cuda(torch.device("cpu"))
+        for _ in range(3):
+            ops._warn_no_cuda(torch.device("cuda", 0))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "built without its CUDA kernels" in messages[0] and "FORCE_CUDA=1" in messages[0]
+
+
+@requires_cuda
+def test_cuda_tensors_on_a_cpu_only_extension_warn(monkeypatch):
+    """The same through the public ops, with real CUDA tensors."""
+    monkeypatch.setattr(ops, "_C", _CpuOnlyExtension())
+    monkeypatch.setattr(ops, "_warned_cuda", False)
+    x = torch.randn(1, 2, 5, 4, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        low, _ = ops.haar_split(x)
+        ops.remove_small_regions(torch.zeros(1, 1, 3, 3, dtype=torch.bool, device="cuda"), 2)
+    assert len(caught) == 1 and "built without its CUDA kernels" in str(caught[0].message)
+    assert torch.equal(low, reference.haar_split(x)[0])
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 4, 7, 9), (1, 1, 1, 1), (2, 32, 65, 33)])

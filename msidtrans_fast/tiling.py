@@ -1,0 +1,255 @@
+"""Tiled decision maps: the network run on overlapping tiles of a large pair.
+
+The network was trained on crops of 128-224 pixels, and its attention is global: on a whole camera
+frame (12-45 megapixels) it costs hundreds of TFLOP and tens of GB. Here the frame is cut into a
+grid of overlapping tiles of one size; batches of tiles go through the network (one call per
+batch, the model is batch-consistent); each tile's soft decision map is weighted by a smooth window
+and the weighted maps are summed into one full-size soft map D (H, W) float32. The windows form a
+partition of unity: at every pixel the weights of the tiles covering it sum to one, so a map that
+is the same in every tile (a constant, a ramp) comes back unchanged and no seam appears where tiles
+meet. Binarisation and the consistency check then run once on the whole map, as for a whole image
+(the area threshold relative to the whole frame, as the original).
+
+Memory: only the tiles of one batch are converted to float; the sources stay uint8/uint16 and the
+only full-size buffer this module adds is D itself.
+
+Window, along each axis (the 2-D weight of a tile is the product of its row and column weights):
+between two neighbouring tiles the weight passes from one to the other over a ramp of ``overlap``
+pixels in the middle of their common strip, ``sin^2`` rising in the next tile and ``cos^2``
+falling in the previous one (continuous with a continuous slope); a tile weighs 1 elsewhere inside
+its span and at the image border. The 1-D weights are divided by their sum so that rounding, and
+uneven strips where the last tile is pushed back to end at the border, still sum to one.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: Smallest tile side accepted (pixels): below it a tile holds too little context for the
+#: network's four downsampling stages.
+MIN_TILE = 64
+#: Tile side (pixels) and overlap used by ``tile="auto"`` above :data:`AUTO_WHOLE_MAX_PIXELS`.
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 64
+#: ``tile="auto"`` runs the whole image at once up to this many pixels, tiles above.
+AUTO_WHOLE_MAX_PIXELS = 1536 * 1024
+#: Activation memory one batch of tiles may take on the CPU (bytes): one 512-px tile in float32.
+CPU_BATCH_BYTES = 1 << 30
+#: Most tiles in one network call.
+MAX_BATCH = 32
+
+
+# ------------------------------------------------------------------------------------ the grid
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """First pixel of each tile along one axis of ``length`` pixels.
+
+    As few tiles of side ``min(tile, length)`` as cover the axis with neighbours sharing at least
+    ``overlap`` pixels, spread evenly from 0 to ``length - tile``.
+    """
+    if tile >= length:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return [round(k * (length - tile) / (count - 1)) for k in range(count)]
+
+
+def axis_weights(length: int, starts: list[int], size: int, overlap: int) -> list[np.ndarray]:
+    """Blending weights along one axis: one float32 array of ``size`` per tile start; at every
+    position of the axis the weights of the tiles covering it sum to one (see the module
+    docstring)."""
+    raw = [np.ones(size, dtype=np.float64) for _ in starts]
+    for k in range(1, len(starts)):
+        lo, hi = starts[k], starts[k - 1] + size  # the strip both tiles cover
+        width = min(overlap, hi - lo)  # 0: a hard cut in the middle of the strip
+        ramp_start = lo + (hi - lo - width) // 2
+        t = (np.arange(width) + 0.5) / width
+        rise = np.sin(0.5 * np.pi * t) ** 2
+        # previous tile: 1, falling over the ramp, then 0; this tile: 0, rising, then 1
+        prev, cur = raw[k - 1], raw[k]
+        p0 = ramp_start - starts[k - 1]
+        prev[p0:p0 + width] *= 1 - rise
+        prev[p0 + width:] = 0
+        c0 = ramp_start - starts[k]
+        cur[:c0] = 0
+        cur[c0:c0 + width] *= rise
+    total = np.zeros(length, dtype=np.float64)
+    for s, r in zip(starts, raw, strict=True):
+        total[s:s + size] += r
+    return [(r / total[s:s + size]).astype(np.float32) for s, r in zip(starts, raw, strict=True)]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles of an H x W image: all ``tile_h`` x ``tile_w``, at rows ``ys`` and columns
+    ``xs``, with per-axis blending weights ``wy[i]`` (tile_h,) and ``wx[j]`` (tile_w,)."""
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+    wy: tuple[np.ndarray, ...]
+    wx: tuple[np.ndarray, ...]
+
+    def __len__(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def tiles(self):
+        """(i, j, y, x) for every tile, row by row."""
+        for i, y in enumerate(self.ys):
+            for j, x in enumerate(self.xs):
+                yield i, j, y, x
+
+    def weight(self, i: int, j: int) -> np.ndarray:
+        """(tile_h, tile_w) float32 blending weight of tile (i, j)."""
+        return self.wy[i][:, None] * self.wx[j][None, :]
+
+
+def check_tile(tile: int, overlap: int) -> None:
+    """Raises ValueError unless ``tile >= MIN_TILE`` and ``0 <= overlap <= tile // 2``, both
+    integers."""
+    for name, value in (("tile", tile), ("tile overlap", overlap)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
+    if tile < MIN_TILE:
+        raise ValueError(f"tile must be at least {MIN_TILE} pixels, got {tile}")
+    if not 0 <= overlap <= tile // 2:
+        raise ValueError(f"tile overlap must be between 0 and half the tile ({tile // 2}), "
+                         f"got {overlap}")
+
+
+def plan_tiles(height: int, width: int, tile: int, overlap: int = DEFAULT_OVERLAP) -> TileGrid:
+    """The tile grid of an H x W image (tiles larger than the image are clipped to it)."""
+    check_tile(tile, overlap)
+    th, tw = min(tile, height), min(tile, width)
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    return TileGrid(height, width, th, tw, tuple(ys), tuple(xs),
+                    tuple(axis_weights(height, ys, th, overlap)),
+                    tuple(axis_weights(width, xs, tw, overlap)))
+
+
+# ---------------------------------------------------------------------------------- the policy
+def resolve_tile(tile, height: int, width: int) -> int | None:
+    """The tile side to use for an H x W pair, or None for the whole image at once.
+
+    ``tile``: ``"auto"`` (the whole image up to :data:`AUTO_WHOLE_MAX_PIXELS`, else
+    :data:`DEFAULT_TILE`), ``None`` / ``"off"`` (whole), or an int >= :data:`MIN_TILE`.
+    Raises ValueError for anything else.
+    """
+    if tile is None or tile == "off":
+        return None
+    if tile == "auto":
+        return None if height * width <= AUTO_WHOLE_MAX_PIXELS else DEFAULT_TILE
+    if isinstance(tile, numbers.Integral) and not isinstance(tile, bool):
+        check_tile(int(tile), 0)
+        return int(tile)
+    raise ValueError(f"tile must be 'auto', 'off', None or a tile side in pixels (>= {MIN_TILE}), "
+                     f"got {tile!r}")
+
+
+def batch_size(tile_h: int, tile_w: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Tiles per network call: as many as fit :data:`CPU_BATCH_BYTES` on the CPU, or half the
+    free memory of a CUDA device, at most :data:`MAX_BATCH`."""
+    from .pipeline import estimate_memory
+
+    per_tile = estimate_memory(tile_h, tile_w, dtype)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 2
+    else:
+        budget = CPU_BATCH_BYTES
+    return int(max(1, min(MAX_BATCH, budget // per_tile)))
+
+
+# ------------------------------------------------------------------------------- the decision
+def tiled_decision_map(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, *,
+                       tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+                       batch: int | None = None,
+                       progress: Callable[[int], object] | None = None) -> np.ndarray:
+    """Soft decision map of a pair computed tile by tile.
+
+    Args:
+        model: the network, in eval mode (inputs go to its device and dtype).
+        a, b: (H, W, C) sources of one size and dtype (uint8, uint16 or float32 in [0, 1]; see
+            :func:`msidtrans_fast.pipeline.as_source_array`); only tiles are converted to float.
+        tile, overlap: tile side and minimum overlap of neighbouring tiles, in pixels.
+        batch: tiles per network call; default :func:`batch_size`.
+        progress: called with the number of tiles finished after each network call.
+
+    Returns:
+        (H, W) float32 D in [0, 1]: the network's output where one tile covers the image, else
+        the window-weighted sum of the tiles' maps.
+    """
+    from .pipeline import to_network_input
+
+    if a.shape != b.shape:
+        raise ValueError(f"sources differ in shape: {a.shape} and {b.shape}")
+    height, width = a.shape[:2]
+    grid = plan_tiles(height, width, tile, overlap)
+    param = next(model.parameters())
+    if batch is None:
+        batch = batch_size(grid.tile_h, grid.tile_w, param.device, param.dtype)
+    out = np.zeros((height, width), dtype=np.float32)
+    boxes = list(grid.tiles())
+    with torch.inference_mode():
+        for first in range(0, len(boxes), batch):
+            chunk = boxes[first:first + batch]
+            crops = [(a[y:y + grid.tile_h, x:x + grid.tile_w],
+                      b[y:y + grid.tile_h, x:x + grid.tile_w]) for _, _, y, x in chunk]
+            A = torch.cat([to_network_input(ca, param.device, param.dtype) for ca, _ in crops])
+            B = torch.cat([to_network_input(cb, param.device, param.dtype) for _, cb in crops])
+            D = model(A, B)[:, 0].float().cpu().numpy()
+            for (i, j, y, x), d in zip(chunk, D, strict=True):
+                if len(grid) == 1:
+                    out[:] = d
+                else:
+                    out[y:y + grid.tile_h, x:x + grid.tile_w] += grid.weight(i, j) * d
+            if progress is not None:
+                progress(len(chunk))
+    return out
+
+
+class TiledDecider:
+    """The decision stage on tiles: ``decider(a, b)`` is :func:`tiled_decision_map` of the pair,
+    as a (H, W) float32 tensor on the model's device (the whole-image decider's contract).
+
+    ``progress(n)`` is called after each network call with the number of tiles it ran;
+    :meth:`tiles` says how many tiles one pair of a given size takes.
+    """
+
+    def __init__(self, model: torch.nn.Module, tile: int = DEFAULT_TILE,
+                 overlap: int = DEFAULT_OVERLAP, batch: int | None = None,
+                 progress: Callable[[int], object] | None = None):
+        check_tile(tile, overlap)
+        self.model, self.tile, self.overlap, self.batch = model, tile, overlap, batch
+        self.progress = progress
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def tiles(self, height: int, width: int) -> int:
+        """Tiles one H x W pair is cut into."""
+        return len(plan_tiles(height, width, self.tile, self.overlap))
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            d = tiled_decision_map(self.model, a, b, tile=self.tile, overlap=self.overlap,
+                                   batch=self.batch, progress=self.progress)
+        finally:
+            self.model.train(was_training)
+        return torch.from_numpy(d).to(self.device)
+
+    def memory_needed(self, height: int, width: int) -> int:
+        """Peak memory of one call (bytes): a batch of tiles in the network plus the map."""
+        from .pipeline import estimate_memory
+
+        th, tw = min(self.tile, height), min(self.tile, width)
+        batch = self.batch or batch_size(th, tw, self.device, self.dtype)
+        return batch * estimate_memory(th, tw, self.dtype) + 4 * height * width
