@@ -33,17 +33,21 @@ Nq, Nk >= 1, any values. fp16/bf16/fp32 inputs accumulate in fp32 (fp64 inputs, 
 accumulate in fp64). fp32 matrix products use ``input_precision="ieee"`` so a GPU gives fp32 (not
 TF32) accuracy; 16-bit inputs use the tensor cores' native fp16/bf16 products.
 
-Token loops (why they are split): every loop over key (or query) blocks runs its full blocks
-without token masks and the last, partial block, if any, once with masks. A mask whose bound is
-not a multiple of 16 (Nq = 1089, 4225, 16900 at 520x520) keeps Triton from proving that
-neighbouring tokens load together, so a masked loop compiles to scalar loads without
-``cp.async`` multi-buffering; unmasked full blocks vectorise as soon as the token-axis strides are
-multiples of 16 elements, which :func:`msidtrans_fast.embedding.token_embedding` guarantees by
-padding the token axis where q, k, v are produced (the padding is never read).
+Token loops (why they are split): with 16-bit inputs every loop over key (or query) blocks runs
+its full blocks without token masks and the last, partial block, if any, once with masks
+(``SPLIT_TAIL``). A mask whose bound is not a multiple of 16 (Nq = 1089, 4225, 16900 at 520x520)
+keeps Triton from proving that neighbouring tokens load together, so a masked loop compiles to
+scalar loads without ``cp.async`` multi-buffering; unmasked full blocks vectorise as soon as the
+token-axis strides are multiples of 16 elements, which
+:func:`msidtrans_fast.embedding.token_embedding` guarantees by padding the token axis where q, k,
+v are produced (the padding is never read). fp32/fp64 keep one masked loop: their FMA dots hold
+so many registers that a second, tail copy of the block made ptxas spill 200-2000 bytes per
+thread (sm_90), and they are bound by arithmetic, not loads.
 
-Offsets are 64-bit: per-program bases are computed in int64 and loops advance pointers, so tensors
-of any size index correctly (an int32 product such as ``group * stride`` wraps past 2**31
-elements).
+Offsets never wrap: every tile starts from a scalar 64-bit pointer (batch, group and block
+offsets are computed in int64; loops advance these pointers), and offsets inside a tile are int32,
+or int64 when a stride is large enough for them to pass 2**31 (``_offset_dtype``). An int32
+product such as ``group * stride`` would wrap once a tensor passes 2**31 elements.
 
 Tuning: a small ``triton.autotune`` space per kernel, keyed on dtype, head size and a token-count
 class that includes whether the token axis is 16-aligned. The configurations of one kernel differ
@@ -76,14 +80,19 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # ----------------------------------------------------------------------------- tuning spaces
 
+#: id(config) -> the dtype class it is meant for ("16bit" or "fp32"); kept beside the configs
+#: because Triton's on-disk tuning cache rebuilds configs from their attributes.
+_DTYPE_CLASS: dict[int, str] = {}
+
+
 def _space(entries, fixed: dict) -> list:
-    """Configs ``(tile, warps, stages)`` tagged with the dtype class they are meant for."""
+    """Configs ``(tile name, tile, warps, stages)`` per dtype class, with the fixed tiles."""
     configs = []
     for dtype_class, rows in entries.items():
         for tile_name, tile, warps, stages in rows:
             cfg = triton.Config({tile_name: tile, **fixed[dtype_class]}, num_warps=warps,
                                 num_stages=stages)
-            cfg.dtype_class = dtype_class
+            _DTYPE_CLASS[id(cfg)] = dtype_class
             configs.append(cfg)
     return configs
 
@@ -92,9 +101,14 @@ def _dtype_class(dtype) -> str:
     return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
+def configs_for(space: list, dtype: torch.dtype) -> list:
+    """The configurations of a tuning space (``FWD_CONFIGS``...) that ``dtype`` runs."""
+    return [c for c in space if _DTYPE_CLASS.get(id(c)) == _dtype_class(dtype)]
+
+
 def _prune(configs, named_args, **kwargs):
     """The configs of the input's dtype class (only the first in the interpreter)."""
-    kept = [c for c in configs if c.dtype_class == _dtype_class(named_args["Q"].dtype)]
+    kept = configs_for(configs, named_args["Q"].dtype)
     return kept[:1] if _INTERPRET else kept
 
 
@@ -145,16 +159,27 @@ def _query_scale(group, perm_code):
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, n_k, mask_d, qk_scale,
-               MASK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _tile(base, rows, cols, s_row, s_col, OFFSET_DTYPE: tl.constexpr):
+    """Pointers ``base + rows[:, None] * s_row + cols[None, :] * s_col`` of one tile: ``base`` is
+    a scalar pointer (64-bit), the in-tile offsets are ``OFFSET_DTYPE`` (int32 unless a stride is
+    so large that they could pass 2**31; see ``_offset_dtype``)."""
+    return base + rows.to(OFFSET_DTYPE)[:, None] * s_row + cols.to(OFFSET_DTYPE)[None, :] * s_col
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, start_n, n_k, mask_d, qk_scale,
+               sk_c, sk_n, sv_c, sv_n,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr):
     """One key block of the online softmax; ``MASK_N`` only for the last, partial block."""
+    tile_n = tl.arange(0, BLOCK_N)
+    tile_d = tl.arange(0, BLOCK_D)
+    k_ptrs = _tile(k_blk, tile_d, tile_n, sk_c, sk_n, OFFSET_DTYPE)
     if MASK_N:
-        mask_n = offs_n < n_k
+        mask_n = start_n + tile_n < n_k
         k_t = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     else:
         k_t = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     s = tl.dot(q, k_t, input_precision=PRECISION).to(ACC_DTYPE) * qk_scale
     if MASK_N:
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -162,6 +187,11 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, n_k, mask_d, qk_scale,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    v_ptrs = _tile(v_blk, tile_n, tile_d, sv_n, sv_c, OFFSET_DTYPE)
+    if MASK_N:
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     acc = acc * alpha[:, None]
     acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC_DTYPE)
     return acc, l_i, m_new
@@ -177,48 +207,53 @@ def _msa_fwd_kernel(
     so_b, so_c, so_n,
     n_q, n_k, qk_scale, perm_code, tune_class,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     batch = (pid_bg // 3).to(tl.int64)
     group = (pid_bg % 3).to(tl.int64)
     q_scale = _query_scale(group, perm_code)
+    start_m = (pid_m * BLOCK_M).to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < n_q
-    mask_d = offs_d < HEAD_DIM
-    offs_d64 = offs_d.to(tl.int64)
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_d = tl.arange(0, BLOCK_D)
+    mask_m = start_m + tile_m < n_q
+    mask_d = tile_d < HEAD_DIM
 
-    q = tl.load(Q + batch * sq_b + q_scale * sq_g + offs_m.to(tl.int64)[:, None] * sq_n
-                + offs_d64[None, :] * sq_c, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k_ptrs = K + batch * sk_b + group * sk_g + offs_d64[:, None] * sk_c + offs_n[None, :] * sk_n
-    v_ptrs = V + batch * sv_b + group * sv_g + offs_n[:, None] * sv_n + offs_d64[None, :] * sv_c
+    q = tl.load(_tile(Q + batch * sq_b + q_scale * sq_g + start_m * sq_n, tile_m, tile_d,
+                      sq_n, sq_c, OFFSET_DTYPE),
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_blk = K + batch * sk_b + group * sk_g
+    v_blk = V + batch * sv_b + group * sv_g
     k_step = tl.full([], BLOCK_N, tl.int64) * sk_n
     v_step = tl.full([], BLOCK_N, tl.int64) * sv_n
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    n_full = n_k - n_k % BLOCK_N
-    for _ in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, n_k, mask_d,
-                                   qk_scale, False, ACC_DTYPE, PRECISION)
-        k_ptrs += k_step
-        v_ptrs += v_step
-    if n_full < n_k:
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full + offs_n, n_k,
-                                   mask_d, qk_scale, True, ACC_DTYPE, PRECISION)
+    n_full = n_k - n_k % BLOCK_N if SPLIT_TAIL else 0
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, start_n, n_k, mask_d,
+                                   qk_scale, sk_c, sk_n, sv_c, sv_n, BLOCK_N, BLOCK_D, False,
+                                   ACC_DTYPE, PRECISION, OFFSET_DTYPE)
+        k_blk += k_step
+        v_blk += v_step
+    for start_n in range(n_full, n_k, BLOCK_N):  # the partial block, or all (no SPLIT_TAIL)
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_blk, v_blk, start_n, n_k, mask_d,
+                                   qk_scale, sk_c, sk_n, sv_c, sv_n, BLOCK_N, BLOCK_D, True,
+                                   ACC_DTYPE, PRECISION, OFFSET_DTYPE)
+        k_blk += k_step
+        v_blk += v_step
 
     acc = acc / l_i[:, None]
-    o_ptrs = (OUT + batch * so_b + (group * HEAD_DIM + offs_d64)[None, :] * so_c
-              + offs_m.to(tl.int64)[:, None] * so_n)
+    o_ptrs = _tile(OUT + batch * so_b + (group * HEAD_DIM) * so_c + start_m * so_n, tile_m, tile_d,
+                   so_n, so_c, OFFSET_DTYPE)
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     # Base-2 log-sum-exp of the scores in base-2 units; the backward pass uses the same units.
     lse2 = m_i + tl.log2(l_i)
-    tl.store(LSE + pid_bg.to(tl.int64) * n_q + offs_m, lse2, mask=mask_m)
+    tl.store(LSE + pid_bg.to(tl.int64) * n_q + start_m + tile_m, lse2, mask=mask_m)
 
 
 @triton.jit
@@ -245,23 +280,28 @@ def _msa_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_m, n_q, mask_d,
-                qk_scale, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
-                ACC_DTYPE: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_blk, do_blk, lse_blk, delta_blk, start_m, n_q, mask_d, qk_scale,
+                sq_c, sq_n, sdo_c, sdo_n,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr,
+                PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, OFFSET_DTYPE: tl.constexpr):
     """One query block of dK, dV; ``MASK_M`` only for the last, partial block. Keys past the end
     (zero k, v) produce rows that are never stored, so keys need no mask here."""
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_d = tl.arange(0, BLOCK_D)
+    q_ptrs = _tile(q_blk, tile_m, tile_d, sq_n, sq_c, OFFSET_DTYPE)
+    do_ptrs = _tile(do_blk, tile_m, tile_d, sdo_n, sdo_c, OFFSET_DTYPE)
     if MASK_M:
-        mask_m = offs_m < n_q
+        mask_m = start_m + tile_m < n_q
         mask_md = mask_m[:, None] & mask_d[None, :]
         q = tl.load(q_ptrs, mask=mask_md, other=0.0)
         do = tl.load(do_ptrs, mask=mask_md, other=0.0)
-        lse = tl.load(lse_ptrs, mask=mask_m, other=0.0)
-        delta = tl.load(delta_ptrs, mask=mask_m, other=0.0)
+        lse = tl.load(lse_blk + tile_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_blk + tile_m, mask=mask_m, other=0.0)
     else:
         q = tl.load(q_ptrs, mask=mask_d[None, :], other=0.0)
         do = tl.load(do_ptrs, mask=mask_d[None, :], other=0.0)
-        lse = tl.load(lse_ptrs)
-        delta = tl.load(delta_ptrs)
+        lse = tl.load(lse_blk + tile_m)
+        delta = tl.load(delta_blk + tile_m)
     # Transposed scores s^T (keys x queries), probabilities recomputed from the saved lse.
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION).to(ACC_DTYPE)
     p_t = tl.exp2(s_t * qk_scale - lse[None, :])
@@ -285,7 +325,8 @@ def _msa_bwd_dkdv_kernel(
     sdk_b, sdk_g, sdk_c, sdk_n,
     n_q, n_k, qk_scale, sm_scale, perm_code, tune_class,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr,
 ):
     """One program per (key block, batch * 3 + group); dK and dV share the strides ``sdk_*``."""
     pid_n = tl.program_id(0)
@@ -293,64 +334,73 @@ def _msa_bwd_dkdv_kernel(
     batch = (pid_bg // 3).to(tl.int64)
     group = (pid_bg % 3).to(tl.int64)
     q_scale = _query_scale(group, perm_code)
+    start_n = (pid_n * BLOCK_N).to(tl.int64)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < n_k
-    mask_d = offs_d < HEAD_DIM
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    offs_d64 = offs_d.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
+    tile_n = tl.arange(0, BLOCK_N)
+    tile_d = tl.arange(0, BLOCK_D)
+    mask_d = tile_d < HEAD_DIM
+    mask_nd = (start_n + tile_n < n_k)[:, None] & mask_d[None, :]
 
-    k = tl.load(K + batch * sk_b + group * sk_g + offs_n64[:, None] * sk_n
-                + offs_d64[None, :] * sk_c, mask=mask_nd, other=0.0)
-    v = tl.load(V + batch * sv_b + group * sv_g + offs_n64[:, None] * sv_n
-                + offs_d64[None, :] * sv_c, mask=mask_nd, other=0.0)
-    q_ptrs = Q + batch * sq_b + q_scale * sq_g + offs_m[:, None] * sq_n + offs_d64[None, :] * sq_c
-    do_ptrs = (DO + batch * sdo_b + (group * HEAD_DIM + offs_d64)[None, :] * sdo_c
-               + offs_m[:, None] * sdo_n)
-    lse_ptrs = LSE + pid_bg.to(tl.int64) * n_q + offs_m
-    delta_ptrs = DELTA + pid_bg.to(tl.int64) * n_q + offs_m
+    k = tl.load(_tile(K + batch * sk_b + group * sk_g + start_n * sk_n, tile_n, tile_d, sk_n, sk_c,
+                      OFFSET_DTYPE), mask=mask_nd, other=0.0)
+    v = tl.load(_tile(V + batch * sv_b + group * sv_g + start_n * sv_n, tile_n, tile_d, sv_n, sv_c,
+                      OFFSET_DTYPE), mask=mask_nd, other=0.0)
+    q_blk = Q + batch * sq_b + q_scale * sq_g
+    do_blk = DO + batch * sdo_b + (group * HEAD_DIM) * sdo_c
+    lse_blk = LSE + pid_bg.to(tl.int64) * n_q
+    delta_blk = DELTA + pid_bg.to(tl.int64) * n_q
     q_step = tl.full([], BLOCK_M, tl.int64) * sq_n
     do_step = tl.full([], BLOCK_M, tl.int64) * sdo_n
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-    m_full = n_q - n_q % BLOCK_M
-    for _ in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_m, n_q,
-                             mask_d, qk_scale, False, PRECISION, ACC_DTYPE)
-        q_ptrs += q_step
-        do_ptrs += do_step
-        lse_ptrs += BLOCK_M
-        delta_ptrs += BLOCK_M
-    if m_full < n_q:
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
-                             m_full + offs_m, n_q, mask_d, qk_scale, True, PRECISION, ACC_DTYPE)
+    m_full = n_q - n_q % BLOCK_M if SPLIT_TAIL else 0
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, q_blk, do_blk, lse_blk, delta_blk, start_m, n_q,
+                             mask_d, qk_scale, sq_c, sq_n, sdo_c, sdo_n, BLOCK_M, BLOCK_D, False,
+                             PRECISION, ACC_DTYPE, OFFSET_DTYPE)
+        q_blk += q_step
+        do_blk += do_step
+        lse_blk += BLOCK_M
+        delta_blk += BLOCK_M
+    for start_m in range(m_full, n_q, BLOCK_M):  # the partial block, or all (no SPLIT_TAIL)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_blk, do_blk, lse_blk, delta_blk, start_m, n_q,
+                             mask_d, qk_scale, sq_c, sq_n, sdo_c, sdo_n, BLOCK_M, BLOCK_D, True,
+                             PRECISION, ACC_DTYPE, OFFSET_DTYPE)
+        q_blk += q_step
+        do_blk += do_step
+        lse_blk += BLOCK_M
+        delta_blk += BLOCK_M
 
     dk = dk * sm_scale
-    out_offs = (batch * sdk_b + group * sdk_g + offs_n64[:, None] * sdk_n
-                + offs_d64[None, :] * sdk_c)
-    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=mask_nd)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+    out_base = batch * sdk_b + group * sdk_g + start_n * sdk_n
+    tl.store(_tile(DK + out_base, tile_n, tile_d, sdk_n, sdk_c, OFFSET_DTYPE),
+             dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(_tile(DV + out_base, tile_n, tile_d, sdk_n, sdk_c, OFFSET_DTYPE),
+             dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, n_k, mask_d, qk_scale,
-              MASK_N: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _dq_block(dq, q, do, lse, delta, k_blk, v_blk, start_n, n_k, mask_d, qk_scale,
+              sk_c, sk_n, sv_c, sv_n,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
+              PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, OFFSET_DTYPE: tl.constexpr):
     """One key block of dQ; ``MASK_N`` only for the last, partial block."""
+    tile_n = tl.arange(0, BLOCK_N)
+    tile_d = tl.arange(0, BLOCK_D)
+    k_ptrs = _tile(k_blk, tile_d, tile_n, sk_c, sk_n, OFFSET_DTYPE)
+    v_ptrs = _tile(v_blk, tile_d, tile_n, sv_c, sv_n, OFFSET_DTYPE)
     if MASK_N:
-        mask_dn = mask_d[:, None] & (offs_n < n_k)[None, :]
-        k_t = tl.load(k_ptrs, mask=mask_dn, other=0.0)
-        v_t = tl.load(v_ptrs, mask=mask_dn, other=0.0)
+        mask_n = start_n + tile_n < n_k
+        k_t = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        v_t = tl.load(v_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
     else:
         k_t = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
         v_t = tl.load(v_ptrs, mask=mask_d[:, None], other=0.0)
     s = tl.dot(q, k_t, input_precision=PRECISION).to(ACC_DTYPE)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASK_N:
-        p = tl.where((offs_n < n_k)[None, :], p, 0.0)
+        p = tl.where(mask_n[None, :], p, 0.0)
     dp = tl.dot(do, v_t, input_precision=PRECISION).to(ACC_DTYPE)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION).to(ACC_DTYPE)
@@ -368,7 +418,8 @@ def _msa_bwd_dq_kernel(
     sdq_b, sdq_g, sdq_c, sdq_n,
     n_q, n_k, qk_scale, sm_scale, perm_code, tune_class,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr,
 ):
     """One program per (query block, batch * 3 + group); writes dQ of scale ``perm[group]``.
 
@@ -379,51 +430,66 @@ def _msa_bwd_dq_kernel(
     batch = (pid_bg // 3).to(tl.int64)
     group = (pid_bg % 3).to(tl.int64)
     q_scale = _query_scale(group, perm_code)
+    start_m = (pid_m * BLOCK_M).to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < n_q
-    mask_d = offs_d < HEAD_DIM
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_d = tl.arange(0, BLOCK_D)
+    mask_m = start_m + tile_m < n_q
+    mask_d = tile_d < HEAD_DIM
     mask_md = mask_m[:, None] & mask_d[None, :]
-    offs_d64 = offs_d.to(tl.int64)
-    offs_m64 = offs_m.to(tl.int64)
 
-    q = tl.load(Q + batch * sq_b + q_scale * sq_g + offs_m64[:, None] * sq_n
-                + offs_d64[None, :] * sq_c, mask=mask_md, other=0.0)
-    do = tl.load(DO + batch * sdo_b + (group * HEAD_DIM + offs_d64)[None, :] * sdo_c
-                 + offs_m64[:, None] * sdo_n, mask=mask_md, other=0.0)
-    row_base = pid_bg.to(tl.int64) * n_q
-    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-    k_ptrs = K + batch * sk_b + group * sk_g + offs_d64[:, None] * sk_c + offs_n[None, :] * sk_n
-    v_ptrs = V + batch * sv_b + group * sv_g + offs_d64[:, None] * sv_c + offs_n[None, :] * sv_n
+    q = tl.load(_tile(Q + batch * sq_b + q_scale * sq_g + start_m * sq_n, tile_m, tile_d,
+                      sq_n, sq_c, OFFSET_DTYPE), mask=mask_md, other=0.0)
+    do = tl.load(_tile(DO + batch * sdo_b + (group * HEAD_DIM) * sdo_c + start_m * sdo_n,
+                       tile_m, tile_d, sdo_n, sdo_c, OFFSET_DTYPE), mask=mask_md, other=0.0)
+    row_base = pid_bg.to(tl.int64) * n_q + start_m
+    lse = tl.load(LSE + row_base + tile_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + row_base + tile_m, mask=mask_m, other=0.0)
+    k_blk = K + batch * sk_b + group * sk_g
+    v_blk = V + batch * sv_b + group * sv_g
     k_step = tl.full([], BLOCK_N, tl.int64) * sk_n
     v_step = tl.full([], BLOCK_N, tl.int64) * sv_n
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    n_full = n_k - n_k % BLOCK_N
-    for _ in range(0, n_full, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, n_k, mask_d, qk_scale,
-                       False, PRECISION, ACC_DTYPE)
-        k_ptrs += k_step
-        v_ptrs += v_step
-    if n_full < n_k:
-        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, n_full + offs_n, n_k, mask_d,
-                       qk_scale, True, PRECISION, ACC_DTYPE)
+    n_full = n_k - n_k % BLOCK_N if SPLIT_TAIL else 0
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, k_blk, v_blk, start_n, n_k, mask_d, qk_scale,
+                       sk_c, sk_n, sv_c, sv_n, BLOCK_N, BLOCK_D, False, PRECISION, ACC_DTYPE,
+                       OFFSET_DTYPE)
+        k_blk += k_step
+        v_blk += v_step
+    for start_n in range(n_full, n_k, BLOCK_N):  # the partial block, or all (no SPLIT_TAIL)
+        dq = _dq_block(dq, q, do, lse, delta, k_blk, v_blk, start_n, n_k, mask_d, qk_scale,
+                       sk_c, sk_n, sv_c, sv_n, BLOCK_N, BLOCK_D, True, PRECISION, ACC_DTYPE,
+                       OFFSET_DTYPE)
+        k_blk += k_step
+        v_blk += v_step
 
     dq = dq * sm_scale
-    tl.store(DQ + batch * sdq_b + q_scale * sdq_g + offs_m64[:, None] * sdq_n
-             + offs_d64[None, :] * sdq_c, dq.to(DQ.dtype.element_ty), mask=mask_md)
+    tl.store(_tile(DQ + batch * sdq_b + q_scale * sdq_g + start_m * sdq_n, tile_m, tile_d,
+                   sdq_n, sdq_c, OFFSET_DTYPE), dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
 # ------------------------------------------------------------------------------------ launchers
 
-def _consts(dtype: torch.dtype, head_dim: int) -> dict:
-    """Constexprs fixed by dtype and head size (the tile sizes come from the tuning spaces)."""
+#: Largest tile side of any configuration (query, key or head block).
+_MAX_TILE = 128
+
+
+def _offset_dtype(*tensors: torch.Tensor):
+    """int32 for in-tile offsets unless some stride is so large that ``tile index * stride``
+    summed over a tile's two axes could pass 2**31 (then int64: slower, never wrong)."""
+    largest = max(abs(s) for t in tensors for s in t.stride())
+    return tl.int32 if 2 * _MAX_TILE * largest < 2 ** 31 else tl.int64
+
+
+def _consts(dtype: torch.dtype, head_dim: int, *tensors: torch.Tensor) -> dict:
+    """Constexprs fixed by dtype, head size and strides (tile sizes come from the tuning
+    spaces)."""
     return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
             "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
-            "PRECISION": "ieee"}
+            "PRECISION": "ieee", "OFFSET_DTYPE": _offset_dtype(*tensors),
+            "SPLIT_TAIL": _dtype_class(dtype) == "16bit"}
 
 
 def _launch(kernel, grid, args: tuple, consts: dict, config=None) -> None:
@@ -472,7 +538,7 @@ def msa_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per
         _launch(_msa_fwd_kernel, lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * GROUPS),
                 (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(),
                  out.stride(0), out.stride(1), 1, n_q, n_k, d ** -0.5 * LOG2E, pack_perm(perm),
-                 key), _consts(q.dtype, d), config)
+                 key), _consts(q.dtype, d, q, k, v, out), config)
     return out, lse
 
 
@@ -506,7 +572,6 @@ def msa_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     """
     b, _, d, n_q = q.shape
     n_k = k.shape[-1]
-    consts = _consts(q.dtype, d)
     code = pack_perm(perm)
     configs = configs or {}
     delta = torch.empty_like(lse)
@@ -515,6 +580,7 @@ def msa_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    consts = _consts(q.dtype, d, q, k, v, do, dq, dk)
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     with device_guard(q.device):
         _msa_bwd_preprocess_kernel[(triton.cdiv(n_q, block_m), b * GROUPS)](

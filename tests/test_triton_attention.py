@@ -96,6 +96,26 @@ def test_token_padded_inputs(case, kernel_device):
         assert rel_err(a, r) <= FP32_GRAD_REL
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-d{}-{}x{}-s{}".format(*c))
+def test_split_tail_loops_fp32(case, kernel_device, monkeypatch):
+    """The 16-bit loop structure (unmasked full blocks, then the masked partial block) forced on
+    fp32, so that the interpreter checks it too: whole blocks only, a partial block only, both."""
+    consts = kernels._consts
+    monkeypatch.setattr(kernels, "_consts", lambda *a: {**consts(*a), "SPLIT_TAIL": True})
+    b, d, h, w, s = case
+    q, k, v = _inputs(b, d, h, w, s, device=kernel_device, seed=8)
+    q = _pad_tokens(q).requires_grad_()
+    kv = _pad_tokens(torch.cat([k, v], 2)).requires_grad_()
+    k, v = kv[:, :, :d], kv[:, :, d:]
+    out = msa_attention(q, k, v, (2, 1, 0), (h, w))
+    ref = _reference(q, k, v, (2, 1, 0), (h, w))
+    assert rel_err(out, ref) <= FP32_FWD_REL
+    grad = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, kv), grad),
+                    torch.autograd.grad(ref, (q, kv), grad.double()), strict=True):
+        assert rel_err(a, r) <= FP32_GRAD_REL
+
+
 @pytest.mark.parametrize("perm", PERMS, ids=str)
 def test_every_permutation(perm, kernel_device):
     b, d, h, w, s = 2, 32, 7, 5, 2
@@ -327,10 +347,6 @@ def test_offsets_past_int32(kernel_device):
         del q, storage
 
 
-def _configs_of(space, dtype):
-    return [c for c in space if c.dtype_class == kernels._dtype_class(dtype)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_tuning_config_gives_the_same_result(kernel_device, dtype):
     """The configurations of each tuning space only change tile sizes that do not split a
@@ -346,12 +362,12 @@ def test_every_tuning_config_gives_the_same_result(kernel_device, dtype):
     grad = torch.randn(b, 3 * d, h, w, device=kernel_device).to(dtype)
     perm = (1, 2, 0)
     out, lse = kernels.msa_attention_forward(q, k, v, perm, (h, w))
-    for cfg in _configs_of(kernels.FWD_CONFIGS, q.dtype):
+    for cfg in kernels.configs_for(kernels.FWD_CONFIGS, q.dtype):
         again, lse_again = kernels.msa_attention_forward(q, k, v, perm, (h, w), config=cfg)
         assert same(again, out) and same(lse_again, lse), cfg
     first = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm)
-    for dkdv, dq in zip(_configs_of(kernels.DKDV_CONFIGS, q.dtype),
-                        _configs_of(kernels.DQ_CONFIGS, q.dtype), strict=True):
+    for dkdv, dq in zip(kernels.configs_for(kernels.DKDV_CONFIGS, q.dtype),
+                        kernels.configs_for(kernels.DQ_CONFIGS, q.dtype), strict=True):
         grads = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm,
                                                configs={"dkdv": dkdv, "dq": dq})
         assert all(same(a, r) for a, r in zip(grads, first, strict=True)), (dkdv, dq)

@@ -130,9 +130,7 @@ def _configs(recorder: _Recorder, kwargs: dict, args: tuple) -> list[tuple[dict,
         opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         return [(kwargs, opts)]
     out = []
-    for cfg in recorder.configs:
-        if cfg.dtype_class != A._dtype_class(args[0].dtype):
-            continue
+    for cfg in A.configs_for(recorder.configs, args[0].dtype):
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         out.append(({**kwargs, **cfg.kwargs}, opts))
     return out
