@@ -60,6 +60,9 @@ from . import weights as _weights
 #: Binarisation level of the soft decision map (stage 3).
 BINARY_LEVEL = 0.5
 
+#: One source in the layout every stage takes (defined in :mod:`msidtrans_fast.io`).
+as_source_array = _io.as_source_array
+
 _MODEL_CACHE: dict[tuple[str, str, torch.dtype], torch.nn.Module] = {}
 _MODEL_LOCK = threading.Lock()
 
