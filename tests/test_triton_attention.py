@@ -333,6 +333,9 @@ def test_offsets_past_int32(kernel_device):
             storage = torch.empty(numel, device=kernel_device)
         q = storage.as_strided((1, 3, d, h * w), (3 * d * stride_c, d * stride_c, stride_c, 1))
         q_small, k, v = _inputs(1, d, h, w, 1, device=kernel_device, seed=6)
+        tile_strides = kernels._tile_strides
+        assert kernels._offset_dtype(*tile_strides(q, k, v)) == kernels.tl.int64
+        assert kernels._offset_dtype(*tile_strides(q_small, k, v)) == kernels.tl.int32
         q.copy_(q_small)
         q.requires_grad_()
         out = msa_attention(q, k, v, (2, 0, 1), (h, w))
