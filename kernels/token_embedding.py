@@ -35,8 +35,8 @@ from . import device_guard
 
 #: Largest supported channel count (one program holds all channels of its pixel block).
 MAX_CHANNELS = 128
-SCALES = 3
-EPS = 1e-5
+#: Number of scales (dilations 1, 2, 4) the kernels compute in one launch.
+NUM_SCALES = 3
 
 
 @triton.jit
@@ -216,24 +216,24 @@ def out_size(size: int, stride: int) -> int:
 
 
 def ln_dwconv_forward(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
-                      stride: int) -> torch.Tensor:
-    """cLN + three depthwise convolutions; returns y (no statistics are stored).
+                      stride: int, eps: float) -> torch.Tensor:
+    """cLN (epsilon ``eps``) + three depthwise convolutions; returns y (no statistics are stored).
 
     x (b, C, H, W) contiguous; g, b (C,); weight (3, C, 3, 3) contiguous; y (b, 3, C, Ho*Wo).
     """
     n, c, h, w = x.shape
     ho, wo = out_size(h, stride), out_size(w, stride)
-    y = torch.empty((n, SCALES, c, ho * wo), device=x.device, dtype=x.dtype)
+    y = torch.empty((n, NUM_SCALES, c, ho * wo), device=x.device, dtype=x.dtype)
     cfg = _config(x)
-    grid = (triton.cdiv(ho * wo, cfg["BLOCK_P"]), n * SCALES)
+    grid = (triton.cdiv(ho * wo, cfg["BLOCK_P"]), n * NUM_SCALES)
     with device_guard(x.device):
-        _ln_dwconv_fwd_kernel[grid](x, g, b, weight, y, c, h, w, wo, ho * wo, stride, EPS,
+        _ln_dwconv_fwd_kernel[grid](x, g, b, weight, y, c, h, w, wo, ho * wo, stride, eps,
                                     **cfg, num_warps=NUM_WARPS)
     return y
 
 
 def ln_dwconv_backward(grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
-                       weight: torch.Tensor, stride: int
+                       weight: torch.Tensor, stride: int, eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dg, db, dweight)`` shaped like x, g, b, weight; grad_y contiguous."""
     n, c, h, w = x.shape
@@ -245,15 +245,15 @@ def ln_dwconv_backward(grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, b
     dg_part = torch.empty((n * blocks_in, c), device=x.device, dtype=acc)
     db_part = torch.empty_like(dg_part)
     blocks_out = triton.cdiv(ho * wo, cfg["BLOCK_P"])
-    dw_part = torch.empty((n, SCALES, blocks_out, c, 9), device=x.device, dtype=acc)
+    dw_part = torch.empty((n, NUM_SCALES, blocks_out, c, 9), device=x.device, dtype=acc)
     with device_guard(x.device):
         _ln_dwconv_bwd_input_kernel[(blocks_in, n)](
-            x, g, b, weight, grad_y, dx, dg_part, db_part, c, h, w, ho, wo, stride, EPS,
+            x, g, b, weight, grad_y, dx, dg_part, db_part, c, h, w, ho, wo, stride, eps,
             **cfg, num_warps=NUM_WARPS)
-        _ln_dwconv_bwd_weight_kernel[(blocks_out, n * SCALES)](
-            x, g, b, grad_y, dw_part, c, h, w, wo, ho * wo, stride, EPS,
+        _ln_dwconv_bwd_weight_kernel[(blocks_out, n * NUM_SCALES)](
+            x, g, b, grad_y, dw_part, c, h, w, wo, ho * wo, stride, eps,
             **cfg, num_warps=NUM_WARPS)
     dg = dg_part.sum(0).to(g.dtype)
     db = db_part.sum(0).to(b.dtype)
-    dw = dw_part.sum((0, 2)).view(SCALES, c, 3, 3).to(weight.dtype)
+    dw = dw_part.sum((0, 2)).view(NUM_SCALES, c, 3, 3).to(weight.dtype)
     return dx, dg, db, dw

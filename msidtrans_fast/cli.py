@@ -75,12 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N, "
                         "e.g. --device cpu")
     p.add_argument("--dtype", default="float32",
-                   help="compute precision: float32 (default), float16 or bfloat16; half "
-                        "precision needs about half the memory, e.g. --dtype float16")
+                   help="compute precision: float32 (default), bfloat16, or float16 (CUDA only); "
+                        "the 16-bit types need less memory, e.g. --dtype bfloat16")
     p.add_argument("--threshold", default="0.001", metavar="FRACTION",
                    help="consistency check: regions smaller than FRACTION of the image are merged "
                         "into their surroundings (0 disables it; default 0.001 as the original), "
                         "e.g. --threshold 0")
+    from .decision import DECISION_RULES, DEFAULT_RULE
+
+    p.add_argument("--decision-rule", choices=DECISION_RULES, default=DEFAULT_RULE,
+                   help="how the network's soft map becomes source choices: original (D > 0.5, "
+                        "as the original code) or flat (each flat, featureless region takes one "
+                        "source throughout, so exposure differences between the sources do not "
+                        f"show as blotches); default {DEFAULT_RULE}, e.g. --decision-rule flat")
     p.add_argument("--save-decision-map", action="store_true",
                    help="also write the binary decision map (white where the first source was "
                         "taken; for stacks, grey levels by source) as NAME-dm.png beside each "
@@ -105,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stack as DIR/NAME.png")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: refuse and change nothing)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="keep output files that already exist and fuse only what is missing, "
+                        "e.g. to continue an interrupted --dataset run")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no closing line (warnings and errors still show)")
     return p
@@ -122,6 +132,11 @@ class Job:
     alignments: list | None = None  # estimated before any work (--align)
     unaligned: bool = False  # alignment failed and --align-fallback asked to go on without
     shape: tuple = ()  # (H, W) of the sources, known after check_jobs
+    keep: set[Path] = field(default_factory=set)  # outputs that exist and stay (--skip-existing)
+
+    def targets(self) -> list[Path]:
+        """Every file the job writes."""
+        return [t for t in (self.output, self.dm_output, *self.aligned_outputs) if t is not None]
 
 
 def _aligned_outputs(sources: list[Path], folder: Path) -> list[Path]:
@@ -137,12 +152,12 @@ def _aligned_outputs(sources: list[Path], folder: Path) -> list[Path]:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise BadInput(f"dataset folder missing: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise BadInput(f"empty dataset folder (no images): {folder}")
-    return files
+    from . import io as mio
+
+    try:
+        return mio.list_images(folder)
+    except ValueError as e:
+        raise BadInput(f"dataset {e}") from None
 
 
 def _dm_path(output: Path) -> Path:
@@ -187,38 +202,49 @@ def _plan(args) -> tuple[list[Job], Path | None]:
     root = Path(args.dataset)
     if not root.is_dir():
         raise BadInput(f"dataset folder not found: {root}")
-    list_a, list_b = _list_images(root / "sourceA"), _list_images(root / "sourceB")
-    if len(list_a) != len(list_b):
-        raise BadInput(f"mismatched dataset folder {root}: sourceA has {len(list_a)} files, "
-                       f"sourceB has {len(list_b)}")
+    from . import io as mio
+
+    try:
+        pairs = mio.pair_images(_list_images(root / "sourceA"), _list_images(root / "sourceB"))
+    except ValueError as e:
+        raise BadInput(f"mismatched dataset folder {root}: {e}") from None
     name = root.resolve().name
     jobs = []
-    for i, (a, b) in enumerate(zip(list_a, list_b, strict=True), start=1):
+    for i, (a, b) in enumerate(pairs, start=1):
         output = out / f"{name}-{i:02d}.png"
         jobs.append(Job([a, b], output,
                         out / f"{name}-{i:02d}-dm.png" if args.save_decision_map else None))
     return jobs, out
 
 
-def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None, options=None) -> None:
-    """Reads every source (and checks sizes/depths) and checks every output, before any work;
-    with ``options.align``, also estimates every job's alignment (so that a source that cannot
-    be aligned stops the run before anything is written)."""
+def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None, options=None,
+               skip_existing: bool = False) -> list[Job]:
+    """Reads every source (and checks sizes/depths) and checks every output location, before
+    any work; with ``options.align``, also estimates every job's alignment (so that a source that
+    cannot be aligned stops the run before anything is written).
+
+    Returns the jobs to run: with ``skip_existing``, outputs that exist are kept (not recomputed,
+    not rewritten) and a job with no missing output is left out.
+    """
     from . import io as mio
 
     seen: set[Path] = set()
+    todo = []
     for job in jobs:
-        for target in filter(None, (job.output, job.dm_output, *job.aligned_outputs)):
+        for target in job.targets():
             if target in seen:
                 raise BadInput(f"two outputs would share the name {target}")
             seen.add(target)
-            if not target.parent.exists() and (
-                    target.parent == out_dir or target in job.aligned_outputs):
-                continue  # a folder still to be created holds no file yet
+            if skip_existing and target.is_file():
+                job.keep.add(target)
+                continue
+            folder_to_create = out_dir is not None or target in job.aligned_outputs
             try:
-                mio.check_writable(target, overwrite=overwrite)
+                mio.check_writable(target, overwrite=overwrite, create_dirs=folder_to_create)
             except (OSError, ValueError) as e:
                 raise BadInput(str(e)) from None
+        if job.keep == set(job.targets()):
+            continue
         names = [str(s) for s in job.sources]
         arrays = [_read(s) for s in job.sources]
         try:
@@ -229,9 +255,14 @@ def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None, options=N
             raise BadInput(f"JPEG holds 8-bit images only; these sources are 16-bit: write "
                            f"{job.output.with_suffix('.png')} or .tif instead")
         if options is not None and options.align is not None:
-            _estimate_alignment(job, mio.load_sources(arrays), options, names)
-        if len(jobs) == 1:
+            sources = mio.load_sources(arrays)
+            _estimate_alignment(job, sources, options, names)
+            if len(jobs) == 1:
+                job.arrays = sources
+        elif len(jobs) == 1:
             job.arrays = mio.load_sources(arrays)
+        todo.append(job)
+    return todo
 
 
 def _estimate_alignment(job: Job, sources: list, options, names: list[str]) -> None:
@@ -271,7 +302,8 @@ def _oom_advice(device, dtype, shape) -> str:
     h, w = shape
     tips = []
     if str(dtype) == "torch.float32":
-        tips.append("a smaller --dtype (float16 or bfloat16)")
+        tips.append("--dtype bfloat16" if device.type == "cpu" else
+                    "a smaller --dtype (float16 or bfloat16)")
     if device.type != "cpu":
         tips.append("--device cpu (uses main memory)")
     tips.append("smaller images")
@@ -309,6 +341,7 @@ def run(args, stdout, stderr) -> int:
     try:
         device = mw.resolve_device(args.device)
         dtype = mw.resolve_dtype(args.dtype)
+        mw.check_dtype_on_device(dtype, device)
     except ValueError as e:
         raise BadInput(str(e)) from None
     try:
@@ -319,17 +352,29 @@ def run(args, stdout, stderr) -> int:
         raise BadInput(f"--threshold must be in [0, 1), got {args.threshold}")
     from .pipeline import FuseOptions
 
-    jobs, out_dir = plan_jobs(args)
-    options = FuseOptions(device=device, dtype=dtype, threshold=threshold, align=args.align,
+    if args.overwrite and args.skip_existing:
+        raise BadInput("give either --overwrite or --skip-existing, not both")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jobs, out_dir = plan_jobs(args)
+    _print_warnings(caught, stderr)
+    options = FuseOptions(device=device, dtype=dtype, threshold=threshold,
+                          decision_rule=args.decision_rule, align=args.align,
                           align_crop=args.align_crop, align_fallback=args.align_fallback)
     if args.weights is not None and not Path(args.weights).is_file():
         raise BadInput(f"weights file not found: {args.weights}")
 
+    planned = len(jobs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        check_jobs(jobs, args.overwrite, out_dir, options)
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=stderr)
+        jobs = check_jobs(jobs, args.overwrite, out_dir, options, args.skip_existing)
+    _print_warnings(caught, stderr)
+    skipped = planned - len(jobs)
+    if not jobs:
+        if not args.quiet:
+            print(f"nothing to fuse: the outputs of all {planned} "
+                  f"{'pairs' if planned > 1 else 'fusions'} exist (kept)", file=stdout)
+        return EXIT_OK
     if args.align is not None and not args.quiet:
         _print_alignments(jobs, stdout)
 
@@ -341,17 +386,21 @@ def run(args, stdout, stderr) -> int:
             decider = make_decider(options, weights=args.weights)
         except (OSError, ValueError) as e:
             raise BadInput(str(e)) from None
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=stderr)
+    _print_warnings(caught, stderr)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        code = _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr)
+        code = _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr)
+    _print_warnings(caught, stderr)
+    return code
+
+
+def _print_warnings(caught, stderr) -> None:
+    """Each distinct warning once, as one line ``msidtrans-fuse: warning: ...``."""
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"{PROG}: warning: {message}", file=stderr)
-    return code
 
 
 def _print_alignments(jobs: list[Job], stdout) -> None:
@@ -394,18 +443,21 @@ def _write_job(job: Job, result, arrays: list, overwrite: bool) -> None:
     from . import io as mio
     from .pipeline import decision_map_image
 
-    mio.write_image(job.output, result.image, overwrite=overwrite)
-    if job.dm_output is not None:
+    if job.output not in job.keep:
+        mio.write_image(job.output, result.image, overwrite=overwrite)
+    if job.dm_output is not None and job.dm_output not in job.keep:
         dm = decision_map_image(result.decision_map(len(arrays)), len(arrays))
         mio.write_image(job.dm_output, dm, overwrite=overwrite)
     if job.aligned_outputs:
         seen = result.aligned_images() or [a[..., 0] if a.shape[-1] == 1 else a for a in arrays]
         for path, image in zip(job.aligned_outputs, seen, strict=True):
+            if path in job.keep:
+                continue
             path.parent.mkdir(parents=True, exist_ok=True)
             mio.write_image(path, image, overwrite=overwrite)
 
 
-def _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr) -> int:
+def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr) -> int:
     """Fuses every job in order. With ``IO_THREADS > 0`` the next job's sources are decoded and
     the finished outputs encoded in background threads while the network runs (decoders,
     encoders and torch release the GIL), at most two outputs waiting to be written."""
@@ -472,6 +524,8 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr) -> int:
             what = f"fused a stack of {len(jobs[0].sources)} images into {jobs[0].output}"
         elif out_dir is not None:
             what = f"fused {len(jobs)} pair{'s' if len(jobs) > 1 else ''} into {out_dir}"
+            if skipped:
+                what += f" (kept {skipped} already fused)"
         else:
             what = f"fused 1 pair into {jobs[0].output}"
         print(f"{what} in {elapsed:.1f} s on {device} ({str(dtype)[6:]})", file=stdout)
