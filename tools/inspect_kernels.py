@@ -12,9 +12,9 @@ so), once per autotuning configuration, and compiled for the target with Triton'
 
 One Markdown row per compiled kernel: tile sizes, warps, pipeline stages, shared memory (bytes),
 registers and stack frame per thread (``cuobjdump --dump-resource-usage``; a stack frame means
-spills), and instruction counts in the PTX: global loads by width (``ld.global`` ``.v4``/``.v2`` vectors and scalars, of any
-element type), ``cp.async`` copies (global to shared, the software pipeline's multi-buffering) of
-16 bytes and of fewer, and matrix instructions (``wgmma.mma_async``: Hopper's
+spills), and instruction counts in the PTX: global loads by width (``ld.global`` ``.v4``/``.v2``
+vectors and scalars, of any element type), ``cp.async`` copies (global to shared, the software
+pipeline's multi-buffering) of 16 bytes and of fewer, and matrix instructions (``wgmma.mma_async``: Hopper's
 warpgroup MMA; ``mma.sync``: the warp-level MMA of sm_80). The counts are static (instructions in
 the code, not executed ones). Needs triton with its NVIDIA backend; runs without
 ``TRITON_INTERPRET``. The result depends on the Triton version: run it with the GPU machine's.
@@ -116,8 +116,8 @@ def launches(height: int, width: int, dtype: torch.dtype) -> list:
                 c = x.shape[1]
                 g, b, wt = (torch.empty(s, device="meta", dtype=dtype) for s in
                             (c, c, (3, c, 3, 3)))
-                y = E.ln_dwconv_forward(x, g, b, wt, stride)
-                E.ln_dwconv_backward(torch.empty_like(y), x, g, b, wt, stride)
+                y = E.ln_dwconv_forward(x, g, b, wt, stride, block.norm.eps)
+                E.ln_dwconv_backward(torch.empty_like(y), x, g, b, wt, stride, block.norm.eps)
             out, lse = A.msa_attention_forward(q, k, v, (1, 2, 0), (h, w))
             A.msa_attention_backward(torch.empty_like(out), q, k, v, out, lse, (1, 2, 0))
         for i in range(start, len(log)):
