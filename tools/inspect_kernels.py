@@ -14,10 +14,11 @@ One Markdown row per compiled kernel: tile sizes, warps, pipeline stages, shared
 registers and stack frame per thread (``cuobjdump --dump-resource-usage``; a stack frame means
 spills), and instruction counts in the PTX: global loads by width (``ld.global`` ``.v4``/``.v2``
 vectors and scalars, of any element type), ``cp.async`` copies (global to shared, the software
-pipeline's multi-buffering) of 16 bytes and of fewer, and matrix instructions (``wgmma.mma_async``: Hopper's
-warpgroup MMA; ``mma.sync``: the warp-level MMA of sm_80). The counts are static (instructions in
-the code, not executed ones). Needs triton with its NVIDIA backend; runs without
-``TRITON_INTERPRET``. The result depends on the Triton version: run it with the GPU machine's.
+pipeline's multi-buffering) of 16 bytes and of fewer, and matrix instructions
+(``wgmma.mma_async``: Hopper's warpgroup MMA; ``mma.sync``: the warp-level MMA of sm_80). The
+counts are static (instructions in the code, not executed ones). Needs triton with its NVIDIA
+backend; runs without ``TRITON_INTERPRET``. The result depends on the Triton version: run it with
+the GPU machine's.
 """
 
 from __future__ import annotations
