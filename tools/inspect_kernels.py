@@ -115,8 +115,9 @@ def launches(height: int, width: int, dtype: torch.dtype) -> list:
                 c = x.shape[1]
                 g, b, wt = (torch.empty(s, device="meta", dtype=dtype) for s in
                             (c, c, (3, c, 3, 3)))
-                y = E.ln_dwconv_forward(x, g, b, wt, stride)
-                E.ln_dwconv_backward(torch.empty_like(y), x, g, b, wt, stride)
+                eps = block.norm.eps
+                y = E.ln_dwconv_forward(x, g, b, wt, stride, eps)
+                E.ln_dwconv_backward(torch.empty_like(y), x, g, b, wt, stride, eps)
             out, lse = A.msa_attention_forward(q, k, v, (1, 2, 0), (h, w))
             A.msa_attention_backward(torch.empty_like(out), q, k, v, out, lse, (1, 2, 0))
         for i in range(start, len(log)):
