@@ -87,6 +87,7 @@ setup(
         "tifffile",  # image IO: TIFF, 16-bit RGB included
         "pypng",  # image IO: 16-bit PNG (Pillow truncates 16-bit RGB)
         "tqdm",  # progress bars of the command-line tools
+        "opencv-python-headless>=4.5",  # registration of the sources (msidtrans_fast/align.py)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "PyWavelets", "scikit-image"],

@@ -5,23 +5,29 @@ fusion the stages are:
 
 1. **load** (:func:`msidtrans_fast.io.load_sources`): files, arrays, PIL images or tensors become
    (H, W, C) arrays of one size and dtype;
-2. **decision map** (a :class:`Decider`, made by :func:`make_decider`): for a pair (a, b), the
+2. **align** (optional, :func:`align_stage`, :mod:`msidtrans_fast.align`): every source is
+   registered to the first and warped onto its pixel grid; where a warped source has no content
+   (its border) it holds the first source's pixels and the decisions take the first source;
+   with ``align_crop`` the result is cut to the area every source covers;
+3. **decision map** (a :class:`Decider`, made by :func:`make_decider`): for a pair (a, b), the
    network's soft map D, (H, W) float32 in [0, 1], large where ``a`` is sharp. The pixels enter
    the network as RGB in [-1, 1] (value / 255 or / 65535, gray replicated, then mean 0.5 / std 0.5)
    at full resolution, batch 1, eval mode, under ``torch.inference_mode``
    (:class:`WholeImageDecider`);
-3. **binarise** (:func:`binarise`): ``D > 0.5``, then the consistency check on the whole map: with
+4. **binarise** (:func:`binarise`): ``D > 0.5``; the decision rule (``options.decision_rule``:
+   ``"original"`` adds nothing, ``"flat"`` gives each flat region one source, see
+   :mod:`msidtrans_fast.decision`); then the consistency check on the whole map: with
    ``area = threshold * H * W``, 4-connected foreground then background components of strictly
    fewer than ``area`` pixels are flipped (:func:`msidtrans_fast.ops.remove_small_regions` with
    ``min_area = ceil(area)``, which removes exactly the components of size ``s < area``);
    ``threshold = 0`` disables it;
-4. **compose** (:func:`compose`): every fused pixel is copied from the source the binary decisions
+5. **compose** (:func:`compose`): every fused pixel is copied from the source the binary decisions
    chose, so the output keeps the sources' dtype exactly (the original's ``A * D + B * (1 - D)``
    with a binary D);
-5. **write**: the caller's (``msidtrans-fuse`` writes atomically with
+6. **write**: the caller's (``msidtrans-fuse`` writes atomically with
    :func:`msidtrans_fast.io.write_image`).
 
-Focus stacks (n > 2 sources) run stages 2-3 on pairs of sources. Up to :data:`VOTE_MAX_SOURCES`
+Focus stacks (n > 2 sources) run stages 3-4 on pairs of sources. Up to :data:`VOTE_MAX_SOURCES`
 sources every pair (i, j) gets a binary decision map (n(n-1)/2 network runs) and each pixel takes
 the source that wins the most of its pairwise comparisons (ties: the lowest index): a per-pixel
 choice over all sources that does not depend on their order. Larger stacks are folded pairwise,
@@ -38,18 +44,25 @@ import math
 import numbers
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from . import align as _align
+from . import decision as _decision
 from . import io as _io
 from . import weights as _weights
+from .model import MSIDTrans
 
 #: Binarisation level of the soft decision map (stage 3).
 BINARY_LEVEL = 0.5
+
+#: One source in the layout every stage takes (defined in :mod:`msidtrans_fast.io`).
+as_source_array = _io.as_source_array
 
 _MODEL_CACHE: dict[tuple[str, str, torch.dtype], torch.nn.Module] = {}
 _MODEL_LOCK = threading.Lock()
@@ -62,7 +75,7 @@ def get_model(weights: str | os.PathLike | None = None, device: str | torch.devi
     See :func:`msidtrans_fast.weights.load_model` for the arguments and errors.
     """
     dev = _weights.resolve_device(device)
-    dt = _weights.resolve_dtype(dtype)
+    dt = _weights.resolve_dtype(_weights.AUTO_DTYPE if dtype is None else dtype, dev)
     key = (str(os.path.abspath(weights)) if weights is not None else "", str(dev), dt)
     with _MODEL_LOCK:
         if key not in _MODEL_CACHE:
@@ -84,23 +97,111 @@ class FuseOptions:
     Attributes:
         device: "auto" / None (CUDA if available, else the CPU), "cpu", "cuda", "cuda:N" or a
             ``torch.device``. With a given model: None means the model's device.
-        dtype: compute dtype of the network, "float32" (None: float32, or the given model's
-            dtype), "bfloat16", or "float16" (CUDA only), or a ``torch.dtype``.
+        dtype: compute dtype of the network: "auto" (the default, None: bfloat16 where the
+            device computes it natively, else float32; see
+            :func:`msidtrans_fast.weights.auto_dtype`; with a given model: its dtype),
+            "float32" (exact), "bfloat16", "float16" (CUDA only), or a ``torch.dtype``.
         threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
+        decision_rule: how the binarise stage turns D into source choices, a name of
+            :data:`msidtrans_fast.decision.DECISION_RULES` (default
+            :data:`msidtrans_fast.decision.DEFAULT_RULE`; ``"original"`` is the original's).
+        align: register the sources to the first before fusing, with this motion model:
+            "similarity" (scale, rotation, shift; ``True`` means it), "affine" or "homography";
+            None or False: the sources are fused as given (see :mod:`msidtrans_fast.align`).
+        align_crop: cut the output (and decision map) to the largest rectangle every aligned
+            source covers; otherwise the output has the first source's size.
+        align_fallback: when a source cannot be aligned, warn (:class:`AlignmentWarning`) and
+            fuse the sources unaligned instead of raising
+            :class:`~msidtrans_fast.align.AlignmentError`.
 
     Raises:
-        ValueError: a threshold outside [0, 1) (device and dtype are checked when the network
-            is loaded, by :func:`make_decider`).
+        ValueError: a threshold outside [0, 1), an unknown decision rule or alignment model
+            (device and dtype are checked when the network is loaded, by :func:`make_decider`).
     """
 
     device: str | torch.device | None = None
     dtype: str | torch.dtype | None = None
     threshold: float = 0.001
+    decision_rule: str = _decision.DEFAULT_RULE
+    align: str | None = None
+    align_crop: bool = False
+    align_fallback: bool = False
 
     def __post_init__(self):
+        _decision.check_rule(self.decision_rule)
         t = self.threshold
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 <= t < 1:
             raise ValueError(f"threshold must be a number in [0, 1), got {t!r}")
+        if self.align is True:
+            object.__setattr__(self, "align", "similarity")
+        elif self.align is False:
+            object.__setattr__(self, "align", None)
+        if self.align is not None and self.align not in _align.MODELS:
+            raise ValueError(f"align must be one of {', '.join(_align.MODELS)} (or None), got "
+                             f"{self.align!r}")
+        for name in ("align_crop", "align_fallback"):
+            if getattr(self, name) and self.align is None:
+                raise ValueError(f"{name} needs align (a motion model)")
+
+
+# ------------------------------------------------------------------------------- align stage
+class AlignmentWarning(UserWarning):
+    """A source could not be aligned and the sources are fused unaligned (``align_fallback``)."""
+
+
+def estimate_alignment(sources: Sequence[np.ndarray], options: FuseOptions,
+                       names: Sequence[str] | None = None) -> list[_align.Alignment] | None:
+    """The estimating half of the align stage: one :class:`~msidtrans_fast.align.Alignment` per
+    source (neighbours registered, transforms composed), or None when alignment is off, or
+    failed and ``options.align_fallback`` asks to fuse unaligned (an :class:`AlignmentWarning`
+    names the source and the reason).
+
+    Raises:
+        msidtrans_fast.align.AlignmentError: a source cannot be aligned (without fallback).
+    """
+    if options.align is None:
+        return None
+    try:
+        return _align.estimate_stack(sources, options.align, names=names)
+    except _align.AlignmentError as e:
+        if not options.align_fallback:
+            raise
+        warnings.warn(f"{e}; fusing the sources unaligned", AlignmentWarning, stacklevel=2)
+        return None
+
+
+def align_stage(sources: Sequence[np.ndarray], options: FuseOptions,
+                names: Sequence[str] | None = None,
+                alignments: Sequence[_align.Alignment] | None = None
+                ) -> _align.AlignedSources | None:
+    """The align stage: the sources on the first source's grid, or None when they are fused as
+    given (alignment off, or failed with ``align_fallback``). ``alignments`` may carry an
+    estimate made earlier (:func:`estimate_alignment`) to skip estimating again."""
+    if alignments is None:
+        alignments = estimate_alignment(sources, options, names)
+    if alignments is None:
+        return None
+    return _align.warp_sources(sources, alignments)
+
+
+def content_aware(decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                  aligned: _align.AlignedSources
+                  ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``decide(a, b)`` for aligned sources: where ``b`` has no content ``a`` is taken, where
+    only ``a`` has none ``b`` is. Sources are recognised by identity; any other array (a fold's
+    running result) counts as having content everywhere."""
+    valid = {id(img): v for img, v in zip(aligned.images, aligned.valid, strict=True)}
+
+    def wrapped(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        keep = decide(a, b)
+        va, vb = valid.get(id(a)), valid.get(id(b))
+        if va is not None:
+            keep = keep & va
+        if vb is not None:
+            keep = keep | ~vb
+        return keep
+
+    return wrapped
 
 
 # ---------------------------------------------------------------------------- decision stage
@@ -113,12 +214,17 @@ def _pixel_scale(dtype: np.dtype) -> float:
 
 
 def to_network_input(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(H, W, C) source -> (1, 3, H, W) tensor in [-1, 1] (gray replicated to RGB)."""
-    x = torch.from_numpy(array.astype(np.float32) / np.float32(_pixel_scale(array.dtype)))
+    """(H, W, C) source -> (1, 3, H, W) tensor in [-1, 1] (gray replicated to RGB).
+
+    The result is a channels-last view of the pixels (the layout of the network's weights on the
+    CPU, and the source's own interleaved layout): one conversion to float32 and two in-place
+    passes, ``(x / scale - 0.5) / 0.5`` as the original.
+    """
+    x = torch.from_numpy(array).to(device=device, dtype=torch.float32, copy=True)
+    x = x.div_(_pixel_scale(array.dtype)).sub_(0.5).div_(0.5)
     if x.shape[-1] == 1:
-        x = x.expand(-1, -1, 3)
-    x = (x - 0.5) / 0.5
-    return x.permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype).contiguous()
+        x = x.expand(-1, -1, 3).contiguous()
+    return x.permute(2, 0, 1).unsqueeze(0).to(dtype)
 
 
 @runtime_checkable
@@ -162,7 +268,9 @@ class WholeImageDecider:
         self.model.eval()
         try:
             with torch.inference_mode():
-                return self.model(A, B)[0, 0].float()
+                # The sources were checked on the host (io.load_sources): no device sync here.
+                kwargs = {"check_finite": False} if isinstance(self.model, MSIDTrans) else {}
+                return self.model(A, B, **kwargs)[0, 0].float()
         finally:
             self.model.train(was_training)
 
@@ -189,7 +297,8 @@ def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
             _weights.resolve_device(options.device) != param.device:
         raise ValueError(f"device {options.device!r} differs from the model's device "
                          f"{param.device}")
-    if options.dtype is not None and _weights.resolve_dtype(options.dtype) != param.dtype:
+    if options.dtype not in (None, _weights.AUTO_DTYPE) and \
+            _weights.resolve_dtype(options.dtype) != param.dtype:
         raise ValueError(f"dtype {options.dtype!r} differs from the model's dtype {param.dtype}")
     return WholeImageDecider(model)
 
@@ -205,18 +314,31 @@ def min_area(threshold: float, height: int, width: int) -> int:
     return math.ceil(threshold * height * width)
 
 
-def binarise(soft: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The binarise stage: ``soft > 0.5``, then the consistency check on the whole map.
+def binarise(soft: torch.Tensor, threshold: float, rule: str = _decision.DEFAULT_RULE,
+             a: np.ndarray | None = None, b: np.ndarray | None = None) -> torch.Tensor:
+    """The binarise stage: ``soft > 0.5``, the decision rule, then the consistency check on the
+    whole map.
 
     Args:
         soft: (H, W) float32 soft decision map D in [0, 1] (from a :class:`Decider`).
         threshold: consistency-check fraction of H * W, in [0, 1); 0 disables the check.
+        rule: a name of :data:`msidtrans_fast.decision.DECISION_RULES`: ``"original"`` (nothing
+            between the threshold and the check) or ``"flat"`` (each flat region takes one
+            source, :func:`msidtrans_fast.decision.fill_flat_regions`).
+        a, b: the pair's sources, (H, W, C) as :func:`msidtrans_fast.io.load_sources` returns
+            them; the ``"flat"`` rule needs them.
 
     Returns:
         (H, W) bool tensor on ``soft``'s device, True where the first source is taken.
     """
+    _decision.check_rule(rule)
     with torch.inference_mode():
         mask = soft > BINARY_LEVEL
+        if rule == "flat":
+            if a is None or b is None:
+                raise ValueError("the 'flat' decision rule needs the sources a and b")
+            flat = torch.from_numpy(_decision.flat_regions(a, b)).to(mask.device)
+            mask = _decision.fill_flat_regions(mask, flat)
         if threshold > 0:
             from .ops import remove_small_regions
 
@@ -225,10 +347,11 @@ def binarise(soft: torch.Tensor, threshold: float) -> torch.Tensor:
     return mask
 
 
-def pair_decision(decider: Decider, a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
+def pair_decision(decider: Decider, a: np.ndarray, b: np.ndarray, threshold: float,
+                  rule: str = _decision.DEFAULT_RULE) -> np.ndarray:
     """Decision map then binarise for one pair: (H, W) bool numpy array, True where ``a`` is
     taken. ``a``, ``b``: (H, W, C) sources as :func:`msidtrans_fast.io.load_sources` returns."""
-    return binarise(decider(a, b), threshold).cpu().numpy()
+    return binarise(decider(a, b), threshold, rule, a, b).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------- compose stage
@@ -291,10 +414,25 @@ class Fused:
     Attributes:
         image: (H, W) for grayscale or (H, W, 3) for RGB sources, the sources' dtype.
         labels: (H, W) int64, the index of the source each pixel was taken from.
+        aligned: with alignment, the sources as the decision stage saw them (on the first
+            source's grid) and their transforms; None otherwise.
+        crop: with ``align_crop``, the ``(top, bottom, left, right)`` rectangle of the first
+            source's grid that ``image`` and ``labels`` cover; None otherwise.
     """
 
     image: np.ndarray
     labels: np.ndarray
+    aligned: _align.AlignedSources | None = field(default=None, repr=False)
+    crop: tuple[int, int, int, int] | None = None
+
+    def aligned_images(self) -> list[np.ndarray] | None:
+        """The aligned sources cut like ``image`` ((H, W) or (H, W, 3), the sources' dtype), or
+        None without alignment."""
+        if self.aligned is None:
+            return None
+        t, b, left, r = self.crop or (0, self.labels.shape[0], 0, self.labels.shape[1])
+        return [img[t:b, left:r, 0] if img.shape[-1] == 1 else img[t:b, left:r]
+                for img in self.aligned.images]
 
     def decision_map(self, num_sources: int) -> np.ndarray:
         """What :func:`fuse` returns as the decision map: for a pair, (H, W) float32 D in {0, 1},
@@ -313,18 +451,38 @@ def compose(sources: Sequence[np.ndarray],
 
 
 def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseOptions,
-                 progress: Callable[[], None] | None = None) -> Fused:
+                 progress: Callable[[], None] | None = None, *,
+                 names: Sequence[str] | None = None,
+                 alignments: Sequence[_align.Alignment] | None = None) -> Fused:
     """The stages after loading, for sources as :func:`msidtrans_fast.io.load_sources` returns
-    them: decision map and binarise for each pair the compose stage asks about, then compose.
-    ``progress()`` is called after each pair decision (:func:`stack_runs` in all)."""
-    return compose(sources, lambda a, b: pair_decision(decider, a, b, options.threshold),
-                   progress)
+    them: align (if ``options.align``), decision map and binarise for each pair the compose
+    stage asks about, then compose. ``progress()`` is called after each pair decision
+    (:func:`stack_runs` in all). ``names`` name the sources in alignment messages;
+    ``alignments`` reuse an earlier :func:`estimate_alignment`.
+
+    Raises:
+        msidtrans_fast.align.AlignmentError: a source cannot be aligned (without fallback).
+    """
+    aligned = align_stage(sources, options, names, alignments)
+
+    def decide(a, b):
+        return pair_decision(decider, a, b, options.threshold, options.decision_rule)
+
+    if aligned is None:
+        return compose(sources, decide, progress)
+    result = compose(aligned.images, content_aware(decide, aligned), progress)
+    if not options.align_crop:
+        return Fused(result.image, result.labels, aligned)
+    t, b, left, r = aligned.crop()
+    return Fused(result.image[t:b, left:r], result.labels[t:b, left:r], aligned, (t, b, left, r))
 
 
 # ------------------------------------------------------------------------------------- the API
 def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module | None = None,
          weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, threshold: float | None = None,
+         decision_rule: str | None = None, align: str | bool | None = None,
+         align_crop: bool | None = None, align_fallback: bool | None = None,
          return_decision_map: bool = False, progress: Callable[[], None] | None = None):
     """Fuses two or more images of one scene focused at different depths.
 
@@ -334,8 +492,13 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
             (uint16) or floating point in [0, 1]; grayscale or RGB (alpha is dropped). All sources
             must share the bit depth; gray and RGB may be mixed (the result is then RGB). More
             than two sources form a focus stack: all are fused (see the module docstring).
-        options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``
-            as keywords (not both). Default threshold: 0.001, as the original.
+        options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``,
+            ``decision_rule``, ``align``, ``align_crop``, ``align_fallback`` as keywords (not
+            both). Default threshold: 0.001, as the original; ``decision_rule="original"``
+            binarises as the original does; no alignment. ``align="similarity"`` (or
+            ``"affine"``, ``"homography"``) registers every source to the first before the
+            decision map (for handheld or refocused stacks); the output then has the first
+            source's size (``align_crop=True``: the area every source covers).
         model: an :class:`~msidtrans_fast.model.MSIDTrans` to use (put in eval mode for the call;
             inputs go to its device and dtype). Default: the bundled weights, loaded once and
             cached, on ``device`` in ``dtype``.
@@ -347,22 +510,30 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
         ``fused``: (H, W) for grayscale or (H, W, 3) for RGB sources, with the sources' dtype.
         With ``return_decision_map``, ``(fused, decision_map)``: for a pair, (H, W) float32 D in
         {0, 1}, 1 where the first source was taken (the original's binary decision map); for a
-        stack, (H, W) int64, the index of the source each pixel was taken from.
+        stack, (H, W) int64, the index of the source each pixel was taken from. The decision map
+        is in the first source's frame (cut like ``fused`` with ``align_crop``).
 
     Raises:
         FileNotFoundError, ValueError, TypeError: unreadable sources, fewer than two, different
-            sizes or bit depths, a bad threshold, weights, device or dtype.
+            sizes or bit depths, a bad threshold, weights, device, dtype or alignment model.
+        msidtrans_fast.align.AlignmentError: a source cannot be aligned (a ValueError naming
+            it), unless ``align_fallback``.
         torch.OutOfMemoryError: the image does not fit the device (see :func:`estimate_memory`).
     """
-    fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold))
+    fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold),
+                                ("decision_rule", decision_rule), ("align", align),
+                                ("align_crop", align_crop), ("align_fallback", align_fallback))
               if v is not None}
     if options is None:
         options = FuseOptions(**fields)
     elif fields:
         raise ValueError(f"pass either options or {', '.join(fields)}, not both")
+    if not isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
+        images = list(images)  # read twice: the sources, then their names
     sources = _io.load_sources(images)
     decider = make_decider(options, model=model, weights=weights)
-    result = fuse_sources(sources, decider, options, progress)
+    result = fuse_sources(sources, decider, options, progress,
+                          names=_io.source_names(images))
     if not return_decision_map:
         return result.image
     return result.image, result.decision_map(len(sources))

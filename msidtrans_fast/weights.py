@@ -9,8 +9,11 @@ are reproducible) and warns with :class:`UntrainedWeightsWarning`: its fusions a
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +29,9 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-#: dtype names accepted by :func:`resolve_dtype` and the command line.
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+#: dtype names accepted by :func:`resolve_dtype` and the command line ("auto": :func:`auto_dtype`).
+AUTO_DTYPE = "auto"
+DTYPE_NAMES = (AUTO_DTYPE, "float32", "float16", "bfloat16")
 
 UNTRAINED_MESSAGE = ("the bundled weights file msidtrans_fast/data/msidtrans_weights.pt is "
                      "missing from this installation: the model is UNTRAINED (random weights), "
@@ -66,8 +70,64 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """The compute dtype: None means float32; names as in :data:`DTYPE_NAMES` or fp32/fp16/bf16.
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles).
+
+    Without either, torch emulates bf16 arithmetic in fp32 and bf16 runs slower than fp32.
+    """
+    import torch.cpu
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    found = [getattr(torch.cpu, name)() for name in checks if hasattr(torch.cpu, name)]
+    if found:
+        return any(found)
+    try:  # older torch: the kernel's flags (Linux)
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+#: Whether bfloat16 decisions agree with float32 ones for the bundled network (measured with
+#: ``tools/dtype_agreement.py`` on the dev sets, table in docs/fusing.md, "Precision"): on MFFW
+#: they do not (up to 6.4% of a pair's pixels decided differently, Q_CB 0.588 -> 0.537), so
+#: ``"auto"`` keeps float32 even where bf16 is native.
+BF16_AGREES = False
+
+
+def auto_dtype(device: str | torch.device) -> torch.dtype:
+    """The compute dtype ``"auto"`` picks for ``device``.
+
+    bfloat16 where the device computes it natively (a CUDA device with bf16 support; a CPU with
+    AVX512-BF16 or AMX) and its decisions agree with float32 (:data:`BF16_AGREES`); float32
+    otherwise. ``dtype="bfloat16"`` asks for bf16 regardless.
+    """
+    device = torch.device(device)
+    if not BF16_AGREES:
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_native_bf16() else torch.float32
+    return torch.float32
+
+
+def preferred_memory_format(device: str | torch.device) -> torch.memory_format:
+    """Layout of the weights (and so of the activations) on ``device``: ``channels_last`` on the
+    CPU, where oneDNN's convolutions and the element-wise work run faster in it (measured in
+    benchmarks/RESULTS.md); the default contiguous layout elsewhere (the Triton kernels on CUDA
+    read channel-major tensors)."""
+    if torch.device(device).type == "cpu":
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def resolve_dtype(dtype: str | torch.dtype | None,
+                  device: str | torch.device | None = None) -> torch.dtype:
+    """The compute dtype: None means float32; ``"auto"`` is :func:`auto_dtype` of ``device``
+    (default: :func:`resolve_device`'s choice); names as in :data:`DTYPE_NAMES` or fp32/fp16/bf16.
 
     Raises:
         ValueError: an unknown or non-floating dtype.
@@ -79,36 +139,74 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
             raise ValueError(f"unsupported dtype {dtype} (use one of {', '.join(DTYPE_NAMES)})")
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
+    if name == AUTO_DTYPE:
+        return auto_dtype(resolve_device(device))
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPE_NAMES)})")
     return _DTYPES[name]
+
+
+def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuses float16 on the CPU: PyTorch's CPU kernels run it far slower than float32 and
+    with more memory, the opposite of what the dtype is chosen for. bfloat16 has fast CPU kernels
+    (AVX512-BF16/AMX) and float32 is the reference.
+
+    Raises:
+        ValueError: float16 on a CPU device (the message says what to use instead).
+    """
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ValueError("float16 is not supported on the CPU (it runs far slower than float32 "
+                         "there and needs more memory): use bfloat16 or float32")
 
 
 _NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
                   type(np.dtype(np.uint32))]
 
 
+def read_checkpoint(path: str | os.PathLike, what: str = "weights file") -> Any:
+    """Reads a PyTorch checkpoint file safely: the one loader of every tool.
+
+    The file is read with ``weights_only=True``: only tensors, numbers, strings and containers
+    (and NumPy's RNG state arrays, which training checkpoints hold) are accepted, so no code from
+    the file runs. Tensors stay on the CPU in their stored dtype. ``what`` names the file in
+    messages ("weights file", "checkpoint").
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a PyTorch checkpoint, or holds other Python objects (which
+            are refused, not loaded).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise ValueError(f"cannot read {what} {path}: it holds a Python object "
+                             f"({found[1]}) besides tensors and plain data; such files are "
+                             f"refused because loading them could run code") from None
+        raise ValueError(f"cannot read {what} {path}: not a PyTorch checkpoint (damaged, or "
+                         f"another kind of file)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except Exception:  # zip and torch errors: not a checkpoint we can read
+        raise ValueError(f"cannot read {what} {path}: not a PyTorch checkpoint (damaged, or "
+                         f"another kind of file)") from None
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Reads a checkpoint: a plain state_dict (as the original saves it) or a dict with a
     ``"model"`` entry holding one (as ``msidtrans-train`` saves it, with optimizer and RNG states
-    beside it). Tensors stay on the CPU in their stored dtype. The file is read with
-    ``weights_only=True`` (no code from it runs).
+    beside it), through :func:`read_checkpoint`. Tensors stay on the CPU in their stored dtype.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is not a readable PyTorch checkpoint or holds no state_dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        # weights_only: no code runs from the file. Training checkpoints also hold numpy RNG
-        # states, so numpy's plain array reconstruction is allowed too.
-        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
-        raise ValueError(f"cannot read weights file {path}: not a PyTorch checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    obj = read_checkpoint(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(
@@ -132,14 +230,18 @@ def load_model(weights: str | os.PathLike | None = None, device: str | torch.dev
         weights: a checkpoint path (see :func:`load_state_dict`), loaded with ``strict=True``;
             ``None`` uses the bundled weights, or an untrained model (with an
             :class:`UntrainedWeightsWarning`) when that file is missing.
-        device: see :func:`resolve_device`. dtype: see :func:`resolve_dtype`.
+        device: see :func:`resolve_device`. dtype: see :func:`resolve_dtype` ("auto" for this
+            device's :func:`auto_dtype`; float16 only on CUDA, see :func:`check_dtype_on_device`).
+
+    The weights take :func:`preferred_memory_format` of the device.
 
     Raises:
         FileNotFoundError, ValueError: missing or unreadable file, a checkpoint of another
             architecture (the message lists what does not match), a bad device or dtype.
     """
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, dev)
+    check_dtype_on_device(dt, dev)
     model = _untrained_model()
     path = Path(weights) if weights is not None else BUNDLED_WEIGHTS
     if weights is None and not BUNDLED_WEIGHTS.is_file():
@@ -147,7 +249,7 @@ def load_model(weights: str | os.PathLike | None = None, device: str | torch.dev
     else:
         state = load_state_dict(path)
         _load_strict(model, state, path)
-    return model.to(device=dev, dtype=dt).eval()
+    return model.to(device=dev, dtype=dt, memory_format=preferred_memory_format(dev)).eval()
 
 
 def _load_strict(model: MSIDTrans, state: dict[str, torch.Tensor], path: Path) -> None:
