@@ -8,8 +8,10 @@ fusion the stages are:
 2. **decision map** (a :class:`Decider`, made by :func:`make_decider`): for a pair (a, b), the
    network's soft map D, (H, W) float32 in [0, 1], large where ``a`` is sharp. The pixels enter
    the network as RGB in [-1, 1] (value / 255 or / 65535, gray replicated, then mean 0.5 / std 0.5)
-   at full resolution, batch 1, eval mode, under ``torch.inference_mode``
-   (:class:`WholeImageDecider`);
+   in eval mode, under ``torch.inference_mode``: at full resolution, batch 1
+   (:class:`WholeImageDecider`, the original's way), or on overlapping tiles blended into one map
+   (:class:`msidtrans_fast.tiling.TiledDecider`, for large camera frames; ``tile="auto"`` keeps
+   the whole-image path up to :data:`msidtrans_fast.tiling.AUTO_WHOLE_MAX_PIXELS`);
 3. **binarise** (:func:`binarise`): ``D > 0.5``, then the consistency check on the whole map: with
    ``area = threshold * H * W``, 4-connected foreground then background components of strictly
    fewer than ``area`` pixels are flipped (:func:`msidtrans_fast.ops.remove_small_regions` with
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 
 from . import io as _io
+from . import tiling as _tiling
 from . import weights as _weights
 
 #: Binarisation level of the soft decision map (stage 3).
@@ -87,20 +90,28 @@ class FuseOptions:
         dtype: compute dtype of the network, "float32" (None: float32, or the given model's
             dtype), "bfloat16", or "float16" (CUDA only), or a ``torch.dtype``.
         threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
+        tile: how the decision map is computed: "auto" (the whole image at once up to
+            :data:`~msidtrans_fast.tiling.AUTO_WHOLE_MAX_PIXELS`, tiles of
+            :data:`~msidtrans_fast.tiling.DEFAULT_TILE` px above), None or "off" (always the
+            whole image), or a tile side in pixels (>= 64).
+        tile_overlap: least overlap of neighbouring tiles in pixels, 0 to half the tile.
 
     Raises:
-        ValueError: a threshold outside [0, 1) (device and dtype are checked when the network
-            is loaded, by :func:`make_decider`).
+        ValueError: a threshold outside [0, 1), a bad tile or overlap (device and dtype are
+            checked when the network is loaded, by :func:`make_decider`).
     """
 
     device: str | torch.device | None = None
     dtype: str | torch.dtype | None = None
     threshold: float = 0.001
+    tile: int | str | None = "auto"
+    tile_overlap: int = _tiling.DEFAULT_OVERLAP
 
     def __post_init__(self):
         t = self.threshold
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 <= t < 1:
             raise ValueError(f"threshold must be a number in [0, 1), got {t!r}")
+        _tiling.check_tile_option(self.tile, self.tile_overlap)
 
 
 # ---------------------------------------------------------------------------- decision stage
@@ -181,7 +192,7 @@ def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
         FileNotFoundError: a weights file that does not exist.
     """
     if model is None:
-        return WholeImageDecider(get_model(weights, options.device, options.dtype))
+        return _decider(get_model(weights, options.device, options.dtype), options)
     if weights is not None:
         raise ValueError("pass either model or weights, not both")
     param = next(model.parameters())
@@ -191,7 +202,13 @@ def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
                          f"{param.device}")
     if options.dtype is not None and _weights.resolve_dtype(options.dtype) != param.dtype:
         raise ValueError(f"dtype {options.dtype!r} differs from the model's dtype {param.dtype}")
-    return WholeImageDecider(model)
+    return _decider(model, options)
+
+
+def _decider(model: torch.nn.Module, options: FuseOptions) -> Decider:
+    if options.tile is None or options.tile == "off":
+        return WholeImageDecider(model)
+    return _tiling.TiledDecider(model, options.tile, options.tile_overlap)
 
 
 # ------------------------------------------------------------------------------ binarise stage
@@ -322,9 +339,13 @@ def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseO
 
 
 # ------------------------------------------------------------------------------------- the API
+_UNSET = object()
+
+
 def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module | None = None,
          weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, threshold: float | None = None,
+         tile=_UNSET, tile_overlap: int | None = None,
          return_decision_map: bool = False, progress: Callable[[], None] | None = None):
     """Fuses two or more images of one scene focused at different depths.
 
@@ -334,8 +355,10 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
             (uint16) or floating point in [0, 1]; grayscale or RGB (alpha is dropped). All sources
             must share the bit depth; gray and RGB may be mixed (the result is then RGB). More
             than two sources form a focus stack: all are fused (see the module docstring).
-        options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``
-            as keywords (not both). Default threshold: 0.001, as the original.
+        options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``,
+            ``tile``, ``tile_overlap`` as keywords (not both). Defaults: threshold 0.001, as the
+            original; ``tile="auto"`` (the whole image up to 1024 x 1024 pixels, tiles above;
+            ``tile=None`` always runs the whole image, ``tile=N`` tiles of N px).
         model: an :class:`~msidtrans_fast.model.MSIDTrans` to use (put in eval mode for the call;
             inputs go to its device and dtype). Default: the bundled weights, loaded once and
             cached, on ``device`` in ``dtype``.
@@ -354,8 +377,10 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
             sizes or bit depths, a bad threshold, weights, device or dtype.
         torch.OutOfMemoryError: the image does not fit the device (see :func:`estimate_memory`).
     """
-    fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold))
-              if v is not None}
+    fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold),
+                                ("tile_overlap", tile_overlap)) if v is not None}
+    if tile is not _UNSET:
+        fields["tile"] = tile
     if options is None:
         options = FuseOptions(**fields)
     elif fields:
