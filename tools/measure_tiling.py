@@ -79,7 +79,7 @@ def nyu_triplets(split: str, limit: int | None):
 
 
 def devsets(model, args):
-    for name in ("MFFW", "Grayscale"):
+    for name in args.sets:
         root = DATA / "dev_eval" / name
         pairs = list(zip(sorted((root / "sourceA").iterdir()),
                          sorted((root / "sourceB").iterdir()), strict=True))
@@ -163,7 +163,7 @@ def seam(model, args):
     r = args.crop // 2
     y0, x0 = max(0, min(h - args.crop, cy - r)), max(0, min(w - args.crop, cx - r))
     box = np.s_[y0:y0 + args.crop, x0:x0 + args.crop]
-    panels = [np.repeat(np.abs(d - whole)[box, None] * args.gain * 255, 3, -1)
+    panels = [np.repeat(np.abs(d - whole)[box][..., None] * args.gain * 255, 3, -1)
               for d in (blended, cut)]
     source = np.asarray(a[box][..., :3], dtype=np.float64)
     gap = np.full((args.crop, 4, 3), 255.0)
@@ -189,6 +189,7 @@ def main() -> None:
     p.add_argument("--no-whole", action="store_true", help="mosaic: skip the whole-image run")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--every", type=int, default=1, help="devsets: every k-th pair")
+    p.add_argument("--sets", nargs="*", default=["MFFW", "Grayscale"], help="devsets: which sets")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--crop", type=int, default=160, help="seam: crop side in pixels")
     p.add_argument("--gain", type=float, default=10.0, help="seam: difference amplification")
