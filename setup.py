@@ -14,38 +14,47 @@ PACKAGE_DIR = {"msidtrans_fast": "msidtrans_fast", "msidtrans_fast.kernels": "ke
 def extension_modules():
     """The compiled extension and the build command that builds it (README.md, "Building").
 
-    The C++ CPU part is always built. The CUDA kernels (csrc/*.cu) are added when torch is a CUDA
-    build and nvcc is found, or when FORCE_CUDA=1. TORCH_CUDA_ARCH_LIST picks the architectures
-    and MAX_JOBS the parallel compile jobs (both read by torch's BuildExtension and ninja).
+    The C++ CPU part is always built; build_config.py decides whether the CUDA kernels
+    (csrc/*.cu) are added and for which GPUs (FORCE_CUDA=0 forces a CPU-only build, FORCE_CUDA=1
+    requires CUDA, TORCH_CUDA_ARCH_LIST picks architectures; MAX_JOBS the parallel compile jobs).
     """
     import glob
     import os
-    import shutil
+    import sys
 
     try:
         import torch
-        from torch.utils import cpp_extension
     except ImportError:
         print("msidtrans_fast: torch is not importable, so msidtrans_fast._C is not built "
-              "(install torch, then `pip install --no-build-isolation -e .`)")
+              "(install torch, then `pip install --no-build-isolation -e .`)", file=sys.stderr)
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    import build_config
+
+    try:
+        plan = build_config.plan_from_environment(torch)
+    except build_config.BuildConfigError as e:
+        sys.exit(f"msidtrans_fast: {e}")
+    print(f"msidtrans_fast: {plan.reason}", file=sys.stderr)
+    if plan.with_cuda:
+        # torch reads these when cpp_extension is imported / when it compiles: set them first
+        os.environ["CUDA_HOME"] = plan.cuda_home
+        if plan.arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = plan.arch_list
+    from torch.utils import cpp_extension
+
+    if plan.with_cuda:
+        cpp_extension.CUDA_HOME = plan.cuda_home  # in case cpp_extension was imported earlier
     cpp = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
     cuda = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cu")))
-    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
-    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
-    with_cuda = force_cuda or (torch.version.cuda is not None and has_nvcc)
-    cxx_flags = ["-O3", "-fopenmp"]
-    if with_cuda:
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard and ABI flags come from torch
+    if plan.with_cuda:
         ext = cpp_extension.CUDAExtension(
             "msidtrans_fast._C", cpp + cuda, define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"])
     else:
-        reason = ("torch is a CPU-only build" if torch.version.cuda is None
-                  else "nvcc was not found")
-        print(f"msidtrans_fast: building the CPU part of msidtrans_fast._C only ({reason}; "
-              "set FORCE_CUDA=1 to force the CUDA kernels)")
         ext = cpp_extension.CppExtension("msidtrans_fast._C", cpp,
                                          extra_compile_args={"cxx": cxx_flags},
                                          extra_link_args=["-fopenmp"])
@@ -78,6 +87,7 @@ setup(
         "tifffile",  # image IO: TIFF, 16-bit RGB included
         "pypng",  # image IO: 16-bit PNG (Pillow truncates 16-bit RGB)
         "tqdm",  # progress bars of the command-line tools
+        "opencv-python-headless>=4.5",  # registration of the sources (msidtrans_fast/align.py)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "PyWavelets", "scikit-image"],

@@ -21,7 +21,8 @@ Partial sums are reduced by the launcher with ``torch.sum`` (deterministic, no a
 
 All accumulation in fp32 (fp64 for fp64 inputs, for gradcheck). Layouts: x (b, C, H, W)
 contiguous; y (b, 3, C, Ho*Wo) contiguous (the layout the 1x1 projection consumes as a batched
-matmul); g, b (C,); weight (3, C, 3, 3) contiguous.
+matmul); g, b (C,); weight (3, C, 3, 3) contiguous. Channel offsets are 64-bit (a channel times
+the pixel count passes 2**31 elements from about 16.7 million pixels at 128 channels).
 """
 
 from __future__ import annotations
@@ -30,23 +31,26 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_guard
+
 #: Largest supported channel count (one program holds all channels of its pixel block).
 MAX_CHANNELS = 128
-SCALES = 3
-EPS = 1e-5
+#: Number of scales (dilations 1, 2, 4) the kernels compute in one launch.
+NUM_SCALES = 3
 
 
 @triton.jit
-def _normalised_tap(x_base, g, bb, offs_c, mask_c, ih, iw, valid_p, height, width, n_in,
+def _normalised_tap(x_base, g, bb, chan_off, mask_c, ih, iw, valid_p, height, width,
                     channels, eps, ACC_DTYPE: tl.constexpr):
     """cLN(x) at input pixels (ih, iw) for all channels: (BLOCK_C, BLOCK_P); 0 outside the image.
 
-    Also returns the pixel's ``xh = (x - mean) * rstd`` tile and ``rstd`` (for the backward).
+    ``chan_off`` (BLOCK_C,) int64: each channel's offset in the image. Also returns the pixel's
+    ``xh = (x - mean) * rstd`` tile and ``rstd`` (for the backward).
     """
     inside = valid_p & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
     pix = tl.where(inside, ih * width + iw, 0)
     mask = mask_c[:, None] & inside[None, :]
-    x = tl.load(x_base + offs_c[:, None] * n_in + pix[None, :], mask=mask, other=0.0)
+    x = tl.load(x_base + chan_off[:, None] + pix[None, :], mask=mask, other=0.0)
     x = x.to(ACC_DTYPE)
     mean = tl.sum(x, 0) / channels
     centred = tl.where(mask, x - mean[None, :], 0.0)
@@ -80,17 +84,18 @@ def _ln_dwconv_fwd_kernel(
     bb = tl.load(B + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
     x_base = X + image * channels * n_in
     w_base = W + (scale * channels + offs_c) * 9
+    offs_c64 = offs_c.to(tl.int64)
 
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC_DTYPE)
     for tap in tl.static_range(9):
         ih = oh * stride + (tap // 3 - 1) * dilation
         iw = ow * stride + (tap % 3 - 1) * dilation
-        xn, _, _ = _normalised_tap(x_base, g, bb, offs_c, mask_c, ih, iw, valid_p, height, width,
-                                   n_in, channels, eps, ACC_DTYPE)
+        xn, _, _ = _normalised_tap(x_base, g, bb, offs_c64 * n_in, mask_c, ih, iw, valid_p,
+                                   height, width, channels, eps, ACC_DTYPE)
         w = tl.load(w_base + tap, mask=mask_c, other=0.0).to(ACC_DTYPE)
         acc += w[:, None] * xn
 
-    y_offs = (image * 3 + scale) * channels * n_out + offs_c[:, None] * n_out + offs_p[None, :]
+    y_offs = (image * 3 + scale) * channels * n_out + offs_c64[:, None] * n_out + offs_p[None, :]
     tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=mask_c[:, None] & valid_p[None, :])
 
 
@@ -112,6 +117,7 @@ def _ln_dwconv_bwd_input_kernel(
     ih = offs_p // width
     iw = offs_p % width
     dy_image = DY + image * 3 * channels * n_out
+    offs_c64 = offs_c.to(tl.int64)
 
     dxn = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC_DTYPE)
     for scale in tl.static_range(3):
@@ -127,7 +133,7 @@ def _ln_dwconv_bwd_input_kernel(
             hit = (valid_p & (th >= 0) & (tw >= 0) & (th_safe % stride == 0)
                    & (tw_safe % stride == 0) & (oh < out_height) & (ow < out_width))
             pix = tl.where(hit, oh * out_width + ow, 0)
-            dy = tl.load(dy_image + (scale * channels + offs_c[:, None]) * n_out + pix[None, :],
+            dy = tl.load(dy_image + (scale * channels + offs_c64[:, None]) * n_out + pix[None, :],
                          mask=mask_c[:, None] & hit[None, :], other=0.0).to(ACC_DTYPE)
             w = tl.load(W + (scale * channels + offs_c) * 9 + tap, mask=mask_c,
                         other=0.0).to(ACC_DTYPE)
@@ -135,14 +141,14 @@ def _ln_dwconv_bwd_input_kernel(
 
     g = tl.load(G + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
     bb = tl.load(B + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    _, xh, rstd = _normalised_tap(X + image * channels * n_in, g, bb, offs_c, mask_c, ih, iw,
-                                  valid_p, height, width, n_in, channels, eps, ACC_DTYPE)
+    _, xh, rstd = _normalised_tap(X + image * channels * n_in, g, bb, offs_c64 * n_in, mask_c,
+                                  ih, iw, valid_p, height, width, channels, eps, ACC_DTYPE)
     dxh = dxn * g[:, None]
     mean_dxh = tl.sum(dxh, 0) / channels
     mean_dxh_xh = tl.sum(dxh * xh, 0) / channels
     dx = (dxh - mean_dxh[None, :] - xh * mean_dxh_xh[None, :]) * rstd[None, :]
     mask = mask_c[:, None] & valid_p[None, :]
-    tl.store(DX + image * channels * n_in + offs_c[:, None] * n_in + offs_p[None, :],
+    tl.store(DX + image * channels * n_in + offs_c64[:, None] * n_in + offs_p[None, :],
              dx.to(DX.dtype.element_ty), mask=mask)
     part = (image * tl.num_programs(0) + pid_p) * channels + offs_c
     tl.store(DG_PART + part, tl.sum(tl.where(mask, dxn * xh, 0.0), 1), mask=mask_c)
@@ -171,7 +177,8 @@ def _ln_dwconv_bwd_weight_kernel(
     g = tl.load(G + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
     bb = tl.load(B + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
     x_base = X + image * channels * n_in
-    dy = tl.load(DY + (image * 3 + scale) * channels * n_out + offs_c[:, None] * n_out
+    offs_c64 = offs_c.to(tl.int64)
+    dy = tl.load(DY + (image * 3 + scale) * channels * n_out + offs_c64[:, None] * n_out
                  + offs_p[None, :], mask=mask_c[:, None] & valid_p[None, :],
                  other=0.0).to(ACC_DTYPE)
     # Partial sums laid out (image, scale, pixel block, C, 9).
@@ -179,8 +186,8 @@ def _ln_dwconv_bwd_weight_kernel(
     for tap in tl.static_range(9):
         ih = oh * stride + (tap // 3 - 1) * dilation
         iw = ow * stride + (tap % 3 - 1) * dilation
-        xn, _, _ = _normalised_tap(x_base, g, bb, offs_c, mask_c, ih, iw, valid_p, height, width,
-                                   n_in, channels, eps, ACC_DTYPE)
+        xn, _, _ = _normalised_tap(x_base, g, bb, offs_c64 * n_in, mask_c, ih, iw, valid_p,
+                                   height, width, channels, eps, ACC_DTYPE)
         tl.store(DW_PART + part + tap, tl.sum(dy * xn, 1), mask=mask_c)
 
 
@@ -209,23 +216,24 @@ def out_size(size: int, stride: int) -> int:
 
 
 def ln_dwconv_forward(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
-                      stride: int) -> torch.Tensor:
-    """cLN + three depthwise convolutions; returns y (no statistics are stored).
+                      stride: int, eps: float) -> torch.Tensor:
+    """cLN (epsilon ``eps``) + three depthwise convolutions; returns y (no statistics are stored).
 
     x (b, C, H, W) contiguous; g, b (C,); weight (3, C, 3, 3) contiguous; y (b, 3, C, Ho*Wo).
     """
     n, c, h, w = x.shape
     ho, wo = out_size(h, stride), out_size(w, stride)
-    y = torch.empty((n, SCALES, c, ho * wo), device=x.device, dtype=x.dtype)
+    y = torch.empty((n, NUM_SCALES, c, ho * wo), device=x.device, dtype=x.dtype)
     cfg = _config(x)
-    grid = (triton.cdiv(ho * wo, cfg["BLOCK_P"]), n * SCALES)
-    _ln_dwconv_fwd_kernel[grid](x, g, b, weight, y, c, h, w, wo, ho * wo, stride, EPS,
-                                **cfg, num_warps=NUM_WARPS)
+    grid = (triton.cdiv(ho * wo, cfg["BLOCK_P"]), n * NUM_SCALES)
+    with device_guard(x.device):
+        _ln_dwconv_fwd_kernel[grid](x, g, b, weight, y, c, h, w, wo, ho * wo, stride, eps,
+                                    **cfg, num_warps=NUM_WARPS)
     return y
 
 
 def ln_dwconv_backward(grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
-                       weight: torch.Tensor, stride: int
+                       weight: torch.Tensor, stride: int, eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dg, db, dweight)`` shaped like x, g, b, weight; grad_y contiguous."""
     n, c, h, w = x.shape
@@ -236,15 +244,16 @@ def ln_dwconv_backward(grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, b
     dx = torch.empty_like(x)
     dg_part = torch.empty((n * blocks_in, c), device=x.device, dtype=acc)
     db_part = torch.empty_like(dg_part)
-    _ln_dwconv_bwd_input_kernel[(blocks_in, n)](
-        x, g, b, weight, grad_y, dx, dg_part, db_part, c, h, w, ho, wo, stride, EPS,
-        **cfg, num_warps=NUM_WARPS)
     blocks_out = triton.cdiv(ho * wo, cfg["BLOCK_P"])
-    dw_part = torch.empty((n, SCALES, blocks_out, c, 9), device=x.device, dtype=acc)
-    _ln_dwconv_bwd_weight_kernel[(blocks_out, n * SCALES)](
-        x, g, b, grad_y, dw_part, c, h, w, wo, ho * wo, stride, EPS,
-        **cfg, num_warps=NUM_WARPS)
+    dw_part = torch.empty((n, NUM_SCALES, blocks_out, c, 9), device=x.device, dtype=acc)
+    with device_guard(x.device):
+        _ln_dwconv_bwd_input_kernel[(blocks_in, n)](
+            x, g, b, weight, grad_y, dx, dg_part, db_part, c, h, w, ho, wo, stride, eps,
+            **cfg, num_warps=NUM_WARPS)
+        _ln_dwconv_bwd_weight_kernel[(blocks_out, n * NUM_SCALES)](
+            x, g, b, grad_y, dw_part, c, h, w, wo, ho * wo, stride, eps,
+            **cfg, num_warps=NUM_WARPS)
     dg = dg_part.sum(0).to(g.dtype)
     db = db_part.sum(0).to(b.dtype)
-    dw = dw_part.sum((0, 2)).view(SCALES, c, 3, 3).to(weight.dtype)
+    dw = dw_part.sum((0, 2)).view(NUM_SCALES, c, 3, 3).to(weight.dtype)
     return dx, dg, db, dw

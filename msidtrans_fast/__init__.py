@@ -1,18 +1,15 @@
 """msidtrans_fast: a fast, faithful implementation of MSI-DTrans for multi-focus image fusion."""
 
-from .backends import available_backends, resolve_backend
+from . import backends
+from .backends import available_backends, resolve_backend, unavailable_backends
 from .model import MSIDTrans, Network
 from .pipeline import FuseOptions, fuse
 
-try:  # registers backend "triton"; a missing or broken triton leaves "reference" working
-    from . import triton_backend  # noqa: F401
-except Exception as _error:  # noqa: BLE001 - any failure of an optional backend is reported
-    import warnings
-
-    warnings.warn(f"msidtrans_fast: Triton backend unavailable ({type(_error).__name__}: "
-                  f"{_error})", ImportWarning, stacklevel=2)
+# Registers backend "triton"; without it "reference" keeps working and unavailable_backends()
+# says why.
+backends.load_backend("triton", "msidtrans_fast.triton_backend")
 
 __version__ = "0.1.0"
 
 __all__ = ["FuseOptions", "MSIDTrans", "Network", "available_backends", "fuse", "resolve_backend",
-           "__version__"]
+           "unavailable_backends", "__version__"]

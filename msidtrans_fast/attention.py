@@ -8,7 +8,9 @@
 Layout (channel-major, what a 1x1 projection produces flattened over its pixels):
     q: (b, 3, d, Nq), Nq = H * W in row-major pixel order; scale index on axis 1.
     k, v: (b, 3, d, Nk). Any strides are accepted (views into one (b, 3, 2d, Nk) key/value
-    tensor, for example); nothing is copied. A token stride of 1 is the fast case on a GPU.
+    tensor, for example); nothing is copied. The fast case on a GPU: token stride 1 and every
+    other stride a multiple of 16 elements (the token-padded layout that
+    :func:`msidtrans_fast.embedding.token_embedding` produces), whatever Nq and Nk are.
 CUDA tensors run compiled Triton; CPU tensors run the same kernels in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), for tests.
 """

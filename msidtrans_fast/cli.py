@@ -15,7 +15,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 PROG = "msidtrans-fuse"
@@ -23,12 +23,14 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_SOURCES = (DATA_DIR / "sample_near.png", DATA_DIR / "sample_far.png")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 IO_THREADS = 2  # background threads decoding and encoding images while the network runs
+ALIGN_MODELS = ("similarity", "affine", "homography")  # msidtrans_fast.align.MODELS
 
 EPILOG = """\
 examples:
   msidtrans-fuse --sample -o out/                   fuse the bundled sample pair into out/
   msidtrans-fuse A.jpg B.jpg -o fused.png           fuse a pair
   msidtrans-fuse frame_*.tif -o fused.tif           fuse a focus stack (sorted as given)
+  msidtrans-fuse --align frame_*.jpg -o fused.png   align a handheld or refocused stack first
   msidtrans-fuse --dataset Lytro -o results/Lytro --save-decision-map
                                                     Lytro/sourceA + Lytro/sourceB -> results/Lytro/
                                                     Lytro-01.png, Lytro-01-dm.png, ...
@@ -73,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N, "
                         "e.g. --device cpu")
     p.add_argument("--dtype", default="float32",
-                   help="compute precision: float32 (default), float16 or bfloat16; half "
-                        "precision needs about half the memory, e.g. --dtype float16")
+                   help="compute precision: float32 (default), bfloat16, or float16 (CUDA only); "
+                        "the 16-bit types need less memory, e.g. --dtype bfloat16")
     p.add_argument("--tile", default="auto", metavar="auto|off|N",
                    help="how the decision map is computed: auto (default: the whole image at once "
                         "up to 1024x1024 pixels, tiles of 256 px above), off (always the whole "
@@ -91,8 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the binary decision map (white where the first source was "
                         "taken; for stacks, grey levels by source) as NAME-dm.png beside each "
                         "output")
+    p.add_argument("--align", nargs="?", const="similarity", choices=ALIGN_MODELS,
+                   metavar="MODEL",
+                   help="register every source to the first before fusing, for handheld or "
+                        "refocused stacks: similarity (scale, rotation, shift; the default when "
+                        "MODEL is left out), affine or homography. The output has the first "
+                        "source's size; where a moved source has no content the first source is "
+                        "taken. E.g. --align, --align homography")
+    p.add_argument("--align-crop", action="store_true",
+                   help="with --align: cut the output (and decision map) to the area every "
+                        "source covers")
+    p.add_argument("--align-fallback", action="store_true",
+                   help="with --align: when a source cannot be aligned, warn and fuse unaligned "
+                        "(default: stop with exit code 2 and write nothing)")
+    p.add_argument("--save-aligned", metavar="DIR",
+                   help="with --align: also write the sources as the network saw them (aligned, "
+                        "cut like the output) as PNG into DIR: a pair as DIR/sourceA/NAME.png and "
+                        "DIR/sourceB/NAME.png (the layout msidtrans-eval --sources reads), a "
+                        "stack as DIR/NAME.png")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: refuse and change nothing)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="keep output files that already exist and fuse only what is missing, "
+                        "e.g. to continue an interrupted --dataset run")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no closing line (warnings and errors still show)")
     return p
@@ -106,16 +129,36 @@ class Job:
     output: Path
     dm_output: Path | None = None
     arrays: list = field(default_factory=list)  # decoded sources, kept when cheap
-    shape: tuple[int, int] = (0, 0)  # (H, W) of the sources, known after check_jobs
+    aligned_outputs: list[Path] = field(default_factory=list)  # --save-aligned targets
+    alignments: list | None = None  # estimated before any work (--align)
+    unaligned: bool = False  # alignment failed and --align-fallback asked to go on without
+    shape: tuple = ()  # (H, W) of the sources, known after check_jobs
+    keep: set[Path] = field(default_factory=set)  # outputs that exist and stay (--skip-existing)
+
+    def targets(self) -> list[Path]:
+        """Every file the job writes."""
+        return [t for t in (self.output, self.dm_output, *self.aligned_outputs) if t is not None]
+
+
+def _aligned_outputs(sources: list[Path], folder: Path) -> list[Path]:
+    """Where --save-aligned writes a job's sources: a pair in msidtrans-eval's layout, a stack
+    by file name (numbered when two sources share a name)."""
+    if len(sources) == 2:
+        return [folder / "sourceA" / f"{sources[0].stem}.png",
+                folder / "sourceB" / f"{sources[1].stem}.png"]
+    stems = [s.stem for s in sources]
+    if len(set(stems)) == len(stems):
+        return [folder / f"{stem}.png" for stem in stems]
+    return [folder / f"{i:02d}-{stem}.png" for i, stem in enumerate(stems)]
 
 
 def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise BadInput(f"dataset folder missing: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise BadInput(f"empty dataset folder (no images): {folder}")
-    return files
+    from . import io as mio
+
+    try:
+        return mio.list_images(folder)
+    except ValueError as e:
+        raise BadInput(f"dataset {e}") from None
 
 
 def _dm_path(output: Path) -> Path:
@@ -127,6 +170,22 @@ def plan_jobs(args) -> tuple[list[Job], Path | None]:
     modes = sum([bool(args.sources), args.dataset is not None, args.sample])
     if modes != 1:
         raise BadInput("give either SOURCE files, --dataset ROOT or --sample (exactly one)")
+    for flag, given in (("--align-crop", args.align_crop),
+                        ("--align-fallback", args.align_fallback),
+                        ("--save-aligned", args.save_aligned is not None)):
+        if given and args.align is None:
+            raise BadInput(f"{flag} needs --align")
+    jobs, out_dir = _plan(args)
+    if args.save_aligned is not None:
+        folder = Path(args.save_aligned)
+        if folder.exists() and not folder.is_dir():
+            raise BadInput(f"--save-aligned folder is a file: {folder}")
+        for job in jobs:
+            job.aligned_outputs = _aligned_outputs(job.sources, folder)
+    return jobs, out_dir
+
+
+def _plan(args) -> tuple[list[Job], Path | None]:
     out = Path(args.output)
     if args.sources:
         if len(args.sources) < 2:
@@ -144,35 +203,49 @@ def plan_jobs(args) -> tuple[list[Job], Path | None]:
     root = Path(args.dataset)
     if not root.is_dir():
         raise BadInput(f"dataset folder not found: {root}")
-    list_a, list_b = _list_images(root / "sourceA"), _list_images(root / "sourceB")
-    if len(list_a) != len(list_b):
-        raise BadInput(f"mismatched dataset folder {root}: sourceA has {len(list_a)} files, "
-                       f"sourceB has {len(list_b)}")
+    from . import io as mio
+
+    try:
+        pairs = mio.pair_images(_list_images(root / "sourceA"), _list_images(root / "sourceB"))
+    except ValueError as e:
+        raise BadInput(f"mismatched dataset folder {root}: {e}") from None
     name = root.resolve().name
     jobs = []
-    for i, (a, b) in enumerate(zip(list_a, list_b, strict=True), start=1):
+    for i, (a, b) in enumerate(pairs, start=1):
         output = out / f"{name}-{i:02d}.png"
         jobs.append(Job([a, b], output,
                         out / f"{name}-{i:02d}-dm.png" if args.save_decision_map else None))
     return jobs, out
 
 
-def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None) -> None:
-    """Reads every source (and checks sizes/depths) and checks every output, before any work."""
+def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None, options=None,
+               skip_existing: bool = False) -> list[Job]:
+    """Reads every source (and checks sizes/depths) and checks every output location, before
+    any work; with ``options.align``, also estimates every job's alignment (so that a source that
+    cannot be aligned stops the run before anything is written).
+
+    Returns the jobs to run: with ``skip_existing``, outputs that exist are kept (not recomputed,
+    not rewritten) and a job with no missing output is left out.
+    """
     from . import io as mio
 
     seen: set[Path] = set()
+    todo = []
     for job in jobs:
-        for target in filter(None, (job.output, job.dm_output)):
+        for target in job.targets():
             if target in seen:
                 raise BadInput(f"two outputs would share the name {target}")
             seen.add(target)
-            if out_dir is not None and not out_dir.exists():
-                continue  # a folder still to be created holds no file yet
+            if skip_existing and target.is_file():
+                job.keep.add(target)
+                continue
+            folder_to_create = out_dir is not None or target in job.aligned_outputs
             try:
-                mio.check_writable(target, overwrite=overwrite)
+                mio.check_writable(target, overwrite=overwrite, create_dirs=folder_to_create)
             except (OSError, ValueError) as e:
                 raise BadInput(str(e)) from None
+        if job.keep == set(job.targets()):
+            continue
         names = [str(s) for s in job.sources]
         arrays = [_read(s) for s in job.sources]
         try:
@@ -183,8 +256,24 @@ def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None) -> None:
             raise BadInput(f"JPEG holds 8-bit images only; these sources are 16-bit: write "
                            f"{job.output.with_suffix('.png')} or .tif instead")
         job.shape = arrays[0].shape[:2]
+        if options is not None and options.align is not None:
+            _estimate_alignment(job, mio.load_sources(arrays), options, names)
         if len(jobs) == 1:
             job.arrays = mio.load_sources(arrays)
+        todo.append(job)
+    return todo
+
+
+def _estimate_alignment(job: Job, sources: list, options, names: list[str]) -> None:
+    from .align import AlignmentError
+    from .pipeline import estimate_alignment
+
+    try:
+        job.alignments = estimate_alignment(sources, options, names)
+    except AlignmentError as e:
+        raise BadInput(f"{e} (--align-fallback fuses unaligned instead)") from None
+    job.unaligned = job.alignments is None
+    job.shape = sources[0].shape[:2]
 
 
 def _read(path: Path):
@@ -212,7 +301,8 @@ def _oom_advice(device, dtype, shape) -> str:
     h, w = shape
     tips = []
     if str(dtype) == "torch.float32":
-        tips.append("a smaller --dtype (float16 or bfloat16)")
+        tips.append("--dtype bfloat16" if device.type == "cpu" else
+                    "a smaller --dtype (float16 or bfloat16)")
     if device.type != "cpu":
         tips.append("--device cpu (uses main memory)")
     tips.append("smaller images")
@@ -297,6 +387,7 @@ def run(args, stdout, stderr) -> int:
     try:
         device = mw.resolve_device(args.device)
         dtype = mw.resolve_dtype(args.dtype)
+        mw.check_dtype_on_device(dtype, device)
     except ValueError as e:
         raise BadInput(str(e)) from None
     try:
@@ -307,14 +398,32 @@ def run(args, stdout, stderr) -> int:
         raise BadInput(f"--threshold must be in [0, 1), got {args.threshold}")
     from .pipeline import FuseOptions
 
+    if args.overwrite and args.skip_existing:
+        raise BadInput("give either --overwrite or --skip-existing, not both")
     tile, overlap = _parse_tile(args)
-    options = FuseOptions(device=device, dtype=dtype, threshold=threshold, tile=tile,
-                          tile_overlap=overlap)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jobs, out_dir = plan_jobs(args)
+    _print_warnings(caught, stderr)
+    options = FuseOptions(device=device, dtype=dtype, threshold=threshold, align=args.align,
+                          align_crop=args.align_crop, align_fallback=args.align_fallback,
+                          tile=tile, tile_overlap=overlap)
     if args.weights is not None and not Path(args.weights).is_file():
         raise BadInput(f"weights file not found: {args.weights}")
 
-    jobs, out_dir = plan_jobs(args)
-    check_jobs(jobs, args.overwrite, out_dir)
+    planned = len(jobs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jobs = check_jobs(jobs, args.overwrite, out_dir, options, args.skip_existing)
+    _print_warnings(caught, stderr)
+    skipped = planned - len(jobs)
+    if not jobs:
+        if not args.quiet:
+            print(f"nothing to fuse: the outputs of all {planned} "
+                  f"{'pairs' if planned > 1 else 'fusions'} exist (kept)", file=stdout)
+        return EXIT_OK
+    if args.align is not None and not args.quiet:
+        _print_alignments(jobs, stdout)
 
     from .pipeline import make_decider
 
@@ -324,8 +433,7 @@ def run(args, stdout, stderr) -> int:
             decider = make_decider(options, weights=args.weights)
         except (OSError, ValueError) as e:
             raise BadInput(str(e)) from None
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=stderr)
+    _print_warnings(caught, stderr)
     if tile == "off":
         _refuse_whole_if_too_big(decider, jobs)
     if out_dir is not None:
@@ -333,10 +441,24 @@ def run(args, stdout, stderr) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        code = _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr)
+        code = _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr)
+    _print_warnings(caught, stderr)
+    return code
+
+
+def _print_warnings(caught, stderr) -> None:
+    """Each distinct warning once, as one line ``msidtrans-fuse: warning: ...``."""
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"{PROG}: warning: {message}", file=stderr)
-    return code
+
+
+def _print_alignments(jobs: list[Job], stdout) -> None:
+    from .align import report
+
+    for job in jobs:
+        if job.alignments is not None:
+            for line in report(job.alignments, [str(s) for s in job.sources], *job.shape):
+                print(f"aligned {line}", file=stdout)
 
 
 class _InlineExecutor:
@@ -364,20 +486,28 @@ def _read_job(job: Job) -> list:
     return job.arrays or mio.load_sources(job.sources)
 
 
-def _write_job(job: Job, result, num_sources: int, overwrite: bool) -> None:
+def _write_job(job: Job, result, arrays: list, overwrite: bool) -> None:
     """The write stage for one job: the fused image, with the first source's EXIF and colour
-    profile, and, if asked, its decision map."""
+    profile, and, if asked, its decision map and the sources as the network saw them."""
     from . import io as mio
     from .pipeline import decision_map_image
 
-    mio.write_image(job.output, result.image, overwrite=overwrite,
-                    metadata=mio.read_metadata(job.sources[0]))
-    if job.dm_output is not None:
-        dm = decision_map_image(result.decision_map(num_sources), num_sources)
+    if job.output not in job.keep:
+        mio.write_image(job.output, result.image, overwrite=overwrite,
+                        metadata=mio.read_metadata(job.sources[0]))
+    if job.dm_output is not None and job.dm_output not in job.keep:
+        dm = decision_map_image(result.decision_map(len(arrays)), len(arrays))
         mio.write_image(job.dm_output, dm, overwrite=overwrite)
+    if job.aligned_outputs:
+        seen = result.aligned_images() or [a[..., 0] if a.shape[-1] == 1 else a for a in arrays]
+        for path, image in zip(job.aligned_outputs, seen, strict=True):
+            if path in job.keep:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mio.write_image(path, image, overwrite=overwrite)
 
 
-def _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr) -> int:
+def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr) -> int:
     """Fuses every job in order. With ``IO_THREADS > 0`` the next job's sources are decoded and
     the finished outputs encoded in background threads while the network runs (decoders,
     encoders and torch release the GIL), at most two outputs waiting to be written."""
@@ -413,9 +543,13 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr) -> int:
                     next_read = pool.submit(_read_job, jobs[i + 1])
                 shape = arrays[0].shape[:2]
                 _check_memory(decider, shape, stderr)
-                result = fuse_sources(arrays, decider, options,
-                                      progress=bar.update if stack and not by_tile else None)
-                writes.append(pool.submit(_write_job, job, result, len(arrays), args.overwrite))
+                job_options = replace(options, align=None, align_crop=False,
+                                      align_fallback=False) if job.unaligned else options
+                result = fuse_sources(arrays, decider, job_options,
+                                      progress=bar.update if stack and not by_tile else None,
+                                      names=[str(s) for s in job.sources],
+                                      alignments=job.alignments)
+                writes.append(pool.submit(_write_job, job, result, arrays, args.overwrite))
                 while len(writes) > 2 or (writes and writes[0].done()):
                     writes.popleft().result()
                 if not stack and not by_tile:
@@ -447,6 +581,8 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, stdout, stderr) -> int:
             what = f"fused a stack of {len(jobs[0].sources)} images into {jobs[0].output}"
         elif out_dir is not None:
             what = f"fused {len(jobs)} pair{'s' if len(jobs) > 1 else ''} into {out_dir}"
+            if skipped:
+                what += f" (kept {skipped} already fused)"
         else:
             what = f"fused 1 pair into {jobs[0].output}"
         print(f"{what} in {elapsed:.1f} s on {device} ({str(dtype)[6:]}; "
@@ -465,10 +601,22 @@ def _path_note(decider, jobs) -> str:
     return f"{tiled} of {len(jobs)} images tiled" if tiled else "whole images"
 
 
+def _bare_align(argv: list[str]) -> list[str]:
+    """``--align`` not followed by a model name means ``--align=similarity`` (so that
+    ``--align a.jpg b.jpg`` does not read ``a.jpg`` as the model)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg == "--align" and (i + 1 == len(out) or out[i + 1] not in ALIGN_MODELS):
+            out[i] = "--align=similarity"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``msidtrans-fuse``; returns the exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_bare_align(sys.argv[1:] if argv is None else argv))
         return run(args, sys.stdout, sys.stderr)
     except BadInput as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Training data for MSI-DTrans (SPEC.md, "Training").
+"""Training data for MSI-DTrans (docs/design.md, "Training"; the data used: docs/data.md).
 
 Two sources, both yielding the same samples: a dict with
 
@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from . import io as _io
 from .metrics import LUMA_WEIGHTS
 
-#: File name endings read as images (case-insensitive).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Sub-folders of the original layout, in the order (A, B, GT, DM).
 FOLDER_NAMES = ("sourceA", "sourceB", "groundtruth", "decisionmap")
 
@@ -42,36 +41,32 @@ Sample = dict[str, torch.Tensor]
 
 # ----------------------------------------------------------------------------------------- files
 def list_images(folder: str | Path) -> list[Path]:
-    """The image files of ``folder`` (not recursive), sorted by name.
+    """The image files of ``folder`` (not recursive), sorted by name: the listing rule of every
+    tool, :func:`msidtrans_fast.io.list_images`.
 
     Raises:
         ValueError: the folder does not exist, is not a folder, or holds no image file.
     """
-    folder = Path(folder)
-    if not folder.exists():
-        raise ValueError(f"image folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"image folder {folder} holds no image file "
-                         f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return files
+    return _io.list_images(folder)
 
 
 def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Reads an image with Pillow and converts it to ``mode`` ("RGB" or "L").
+    """Reads an image with the reader of every tool (:func:`msidtrans_fast.io.read_image`) as a
+    Pillow image in ``mode`` ("RGB" or "L"), for the augmentation's resizing.
+
+    16-bit images are brought to 8 bits (``round(v / 257)``), the precision the training samples
+    have; 8-bit images give exactly what Pillow's ``convert(mode)`` gives.
 
     Raises:
         ValueError: the file is missing or cannot be decoded as an image.
     """
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        array = _io.read_image(path)
+    except (FileNotFoundError, _io.ImageFormatError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
+    if array.dtype == np.uint16:
+        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    return Image.fromarray(array).convert(mode)
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -126,7 +121,10 @@ class FolderPairs(Dataset):
         if len(set(counts.values())) != 1:
             raise ValueError(f"mismatched image counts in {self.root}: {counts}; every sub-folder "
                              "must hold one image per pair, matched by sorted file name")
-        self.files = list(zip(*lists, strict=True))
+        try:
+            self.files = _io.pair_images(*lists)
+        except ValueError as e:
+            raise ValueError(f"mismatched image folders in {self.root}: {e}") from None
         self.resize, self.crop, self.augment, self.seed = resize, crop, augment, seed
         self.epoch = 0
 

@@ -5,9 +5,10 @@ For the three dilations s in (1, 2, 4) the original computes, on ``xn = cLN(x)``
 then flattens and transposes every one of them. Here:
 
 1. cLN + depthwise 3x3 convolutions: :func:`ln_dwconv` (fused Triton kernel,
-   ``kernels/token_embedding.py``). The per-pixel cLN statistics are computed once (a tiny
-   (b, 2, N) fp32 buffer); the normalised input is recomputed inside the convolution kernel and
-   never stored. Output ``y`` (b, 3, C, N): all three scales in one tensor, channel-major.
+   ``kernels/token_embedding.py``). For each tap the kernel computes the per-pixel cLN mean and
+   variance from the input tile it has loaded anyway, so neither statistics nor the normalised
+   input are ever stored; the epsilon is the ``ChannelLayerNorm`` module's ``eps``. Output ``y``
+   (b, 3, C, N): all three scales in one tensor, channel-major.
 2. BatchNorm over the stacked (b, 3C, N) view, one call for the three scales. Train mode: batch
    statistics, running statistics updated exactly as ``nn.BatchNorm2d`` (momentum, unbiased
    running variance, ``num_batches_tracked``), through ``F.batch_norm`` on concatenated buffers
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .kernels import msa_attention as _attention_kernels
 from .kernels import token_embedding as _kernels
 
 
@@ -35,26 +37,26 @@ from .kernels import token_embedding as _kernels
 # torch.library.opcheck can trace them; the autograd Function below calls them.
 @torch.library.custom_op("msidtrans_fast::ln_dwconv_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
-                stride: int) -> torch.Tensor:
-    return _kernels.ln_dwconv_forward(x, g, b, weight, stride)
+                stride: int, eps: float = reference.NORM_EPS) -> torch.Tensor:
+    return _kernels.ln_dwconv_forward(x, g, b, weight, stride, eps)
 
 
 @_forward_op.register_fake
-def _(x, g, b, weight, stride):
+def _(x, g, b, weight, stride, eps=reference.NORM_EPS):
     n, c, h, w = x.shape
     n_out = _kernels.out_size(h, stride) * _kernels.out_size(w, stride)
-    return x.new_empty((n, _kernels.SCALES, c, n_out))
+    return x.new_empty((n, _kernels.NUM_SCALES, c, n_out))
 
 
 @torch.library.custom_op("msidtrans_fast::ln_dwconv_backward", mutates_args=())
 def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
-                 weight: torch.Tensor, stride: int
+                 weight: torch.Tensor, stride: int, eps: float = reference.NORM_EPS
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels.ln_dwconv_backward(grad_y, x, g, b, weight, stride)
+    return _kernels.ln_dwconv_backward(grad_y, x, g, b, weight, stride, eps)
 
 
 @_backward_op.register_fake
-def _(grad_y, x, g, b, weight, stride):
+def _(grad_y, x, g, b, weight, stride, eps=reference.NORM_EPS):
     return (x.new_empty(x.shape), g.new_empty(g.shape), b.new_empty(b.shape),
             weight.new_empty(weight.shape))
 
@@ -65,9 +67,9 @@ class LnDwConvFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, g, b, weight, stride):
-        y = _forward_op(x, g, b, weight, stride)
-        ctx.stride = stride
+    def forward(ctx, x, g, b, weight, stride, eps):
+        y = _forward_op(x, g, b, weight, stride, eps)
+        ctx.stride, ctx.eps = stride, eps
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(x, g, b, weight)
         return y
@@ -77,14 +79,14 @@ class LnDwConvFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, g, b, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()  # the kernels read (b, 3, C, N) contiguous
-        dx, dg, db, dw = _backward_op(grad_y, x, g, b, weight, ctx.stride)
+        dx, dg, db, dw = _backward_op(grad_y, x, g, b, weight, ctx.stride, ctx.eps)
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, dg if needs[1] else None, db if needs[2] else None,
-                dw if needs[3] else None, None)
+                dw if needs[3] else None, None, None)
 
 
 def ln_dwconv(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
-              stride: int) -> torch.Tensor:
+              stride: int, eps: float = reference.NORM_EPS) -> torch.Tensor:
     """Channel LayerNorm followed by three depthwise 3x3 convolutions (dilations 1, 2, 4).
 
     Args:
@@ -93,6 +95,7 @@ def ln_dwconv(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, weight: torch.T
         weight: (3, C, 3, 3) depthwise kernels of the three dilations (no bias); padding equals
             the dilation, as in the original.
         stride: 1 or more.
+        eps: the cLN epsilon (a layer passes its ``ChannelLayerNorm.eps``).
 
     Returns:
         (b, 3, C, Ho * Wo), contiguous, x's dtype, Ho = (H - 1) // stride + 1 (Wo likewise).
@@ -118,7 +121,8 @@ def ln_dwconv(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, weight: torch.T
     if len({t.dtype for t in (x, g, b, weight)}) != 1:
         raise TypeError("x, g, b and weight must share a dtype")
     return LnDwConvFunction.apply(x.contiguous(), g.reshape(c).contiguous(),
-                                  b.reshape(c).contiguous(), weight.contiguous(), stride)
+                                  b.reshape(c).contiguous(), weight.contiguous(), stride,
+                                  float(eps))
 
 
 def _batch_norm_stacked(y: torch.Tensor, bns) -> torch.Tensor:
@@ -173,8 +177,10 @@ def token_embedding(x: torch.Tensor, norm, attention) -> tuple[torch.Tensor, tor
             hold dwconv, BN and the 1x1 projection for queries (0) and keys/values (1)).
 
     Returns:
-        ``(q, k, v)``: q (b, 3, d, H*W) contiguous; k, v (b, 3, d, Hk*Wk), the two halves of one
-        contiguous (b, 3, 2d, Hk*Wk) tensor. Scale index on axis 1, row-major pixels.
+        ``(q, k, v)``: q (b, 3, d, H*W); k, v (b, 3, d, Hk*Wk), the two halves of one
+        (b, 3, 2d, Hk*Wk) tensor. Scale index on axis 1, row-major pixels, token stride 1. The
+        token axis is padded to a multiple of 16 elements (q and the key/value tensor are views
+        of zero-padded buffers) so that the attention kernels load aligned 16-byte vectors.
     """
     embeds = attention.Multi_scale_Token_Embeding
     d = attention.dim_head
@@ -183,7 +189,16 @@ def token_embedding(x: torch.Tensor, norm, attention) -> tuple[torch.Tensor, tor
         nets = [embeds[i][which].net for i in range(len(reference.SCALES))]
         weight = torch.cat([net[0].weight for net in nets])            # (3C, 1, 3, 3)
         weight = weight.view(len(nets), -1, 3, 3)
-        y = ln_dwconv(x, norm.g.to(x.dtype), norm.b.to(x.dtype), weight.to(x.dtype), stride)
+        y = ln_dwconv(x, norm.g.to(x.dtype), norm.b.to(x.dtype), weight.to(x.dtype), stride,
+                      norm.eps)
         outs.append(_bn_project(y, [net[1] for net in nets], [net[2] for net in nets]))
-    q, kv = outs
+    q, kv = (_pad_tokens(t) for t in outs)
     return q, kv[:, :, :d], kv[:, :, d:]
+
+
+def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) as a view of a zero-padded (..., N') tensor, N' the next multiple of
+    ``TOKEN_ALIGN``: every stride but the token one becomes a multiple of it."""
+    n = t.shape[-1]
+    pad = -n % _attention_kernels.TOKEN_ALIGN
+    return F.pad(t, (0, pad))[..., :n] if pad else t

@@ -7,10 +7,12 @@
 and averaged; SSIM and PSNR are added when a ground truth is present. ``--baseline`` also fuses
 every pair with :func:`laplacian_energy_fuse` and scores it the same way.
 
-File matching: in each folder the image files (``.png .jpg .jpeg .bmp .tif .tiff .webp``, any case;
-hidden and other files are ignored, and so are ``*-dm.*`` decision maps in the fused folder) are
-listed. ``sourceA`` and ``sourceB`` pair by sorted name, as in the original ``Eval.py`` and the
-fusing CLI. A fused (or ground-truth) file belongs to a pair when its stem is the pair's name
+File matching: in each folder the image files are listed by the rule every tool uses
+(:func:`msidtrans_fast.io.list_images`: ``.png .jpg .jpeg .bmp .tif .tiff .webp``, any case;
+hidden files ignored, other files left out with one warning), leaving out ``*-dm.*`` decision maps
+in the fused folder. ``sourceA`` and ``sourceB`` pair by sorted name
+(:func:`msidtrans_fast.io.pair_images`), as in the original ``Eval.py``, the fusing CLI and
+training. A fused (or ground-truth) file belongs to a pair when its stem is the pair's name
 (``mffw_01`` for ``mffw_01_A.jpg``/``mffw_01_B.jpg``) or the sourceA stem; when that does not
 cover every pair, the files are taken in natural order (``x-9`` before ``x-10``) and paired with
 the sources in sorted order: this is the fusing CLI's ``msidtrans-fuse --dataset ROOT -o DIR``
@@ -35,14 +37,14 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import io as _io
 from . import metrics as _metrics
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 #: Defaults of the classical baseline.
 BASELINE_WINDOW = 15
@@ -97,7 +99,7 @@ def laplacian_energy(img: np.ndarray, window: int = BASELINE_WINDOW) -> np.ndarr
 def laplacian_energy_fuse(a: np.ndarray, b: np.ndarray, window: int = BASELINE_WINDOW,
                           threshold: float = BASELINE_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """Classical baseline: energy-of-Laplacian decision map, then the network pipeline's clean-up
-    and blend (SPEC "Fusing", steps 4-5).
+    and blend (docs/design.md, "Fusing", steps 4-5).
 
     ``D = 1`` where ``laplacian_energy(a) >= laplacian_energy(b)`` (ties go to ``a``); then, with
     ``threshold > 0``, 4-connected foreground and then background components of fewer than
@@ -143,26 +145,23 @@ def _natural_key(name: str):
 
 
 def list_images(folder: str | Path, what: str, skip_decision_maps: bool = False) -> list[Path]:
-    """Image files of a folder sorted by name (plain ``sorted``, as the fusing CLI and the
-    original ``Eval.py`` order sources); EvaluationError when the folder is missing or has none.
+    """Image files of a folder sorted by name (:func:`msidtrans_fast.io.list_images`);
+    EvaluationError naming the ``what`` folder when it is missing or has none.
 
-    ``skip_decision_maps`` ignores ``*-dm.*`` files (the fusing CLI's ``--save-decision-map``).
+    ``skip_decision_maps`` leaves out ``*-dm.*`` files (the fusing CLI's ``--save-decision-map``).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluationError(f"{what} folder not found: {folder}")
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-             and p.suffix.lower() in IMAGE_SUFFIXES
-             and not (skip_decision_maps and p.stem.lower().endswith("-dm"))]
+    try:
+        files = _io.list_images(folder)
+    except ValueError:
+        raise EvaluationError(f"no images ({', '.join(_io.IMAGE_SUFFIXES)}) in the {what} "
+                              f"folder: {folder}") from None
+    files = [p for p in files if not (skip_decision_maps and p.stem.lower().endswith("-dm"))]
     if not files:
-        raise EvaluationError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the {what} folder: "
-                              f"{folder}")
-    return sorted(files, key=lambda p: p.name)
-
-
-def _last_number(stem: str) -> int | None:
-    found = re.findall(r"\d+", stem)
-    return int(found[-1]) if found else None
+        raise EvaluationError(f"no images but decision maps in the {what} folder: {folder}")
+    return files
 
 
 def _pair_name(a: Path, b: Path) -> str:
@@ -173,20 +172,12 @@ def _pair_name(a: Path, b: Path) -> str:
 
 
 def check_source_pairs(files_a: list[Path], files_b: list[Path]) -> None:
-    """sourceA and sourceB pair by sorted position; equal counts, and when every name in both
-    ends in a distinct number, the numbers must agree up to one constant offset."""
-    if len(files_a) != len(files_b):
-        raise EvaluationError(f"{len(files_a)} images in {files_a[0].parent} but {len(files_b)} "
-                              f"in {files_b[0].parent}")
-    nums_a = [_last_number(p.stem) for p in files_a]
-    nums_b = [_last_number(p.stem) for p in files_b]
-    if None in nums_a or None in nums_b or len(set(nums_a)) != len(nums_a) \
-            or len(set(nums_b)) != len(nums_b):
-        return
-    for pa, pb, na, nb in zip(files_a, files_b, nums_a, nums_b, strict=True):
-        if nb - na != nums_b[0] - nums_a[0]:
-            raise EvaluationError(f"{pb.name} does not line up with {pa.name} (sourceA and "
-                                  f"sourceB pair by sorted name)")
+    """sourceA and sourceB pair by the rule of every tool (:func:`msidtrans_fast.io.pair_images`);
+    EvaluationError when they do not."""
+    try:
+        _io.pair_images(files_a, files_b)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def match_files(names: list[str], files_a: list[Path], files: list[Path], what: str) -> list[Path]:
@@ -213,7 +204,7 @@ def match_files(names: list[str], files_a: list[Path], files: list[Path], what: 
     if all(named) and len(set(named)) == len(named):
         return named
     ordered = sorted(files, key=lambda p: _natural_key(p.name))
-    nums = [_last_number(p.stem) for p in ordered]
+    nums = [_io._last_number(p.stem) for p in ordered]
     if None not in nums and len(set(nums)) == len(nums):
         for k, (p, v) in enumerate(zip(ordered, nums, strict=True)):
             if v != nums[0] + k:
@@ -225,9 +216,7 @@ def match_files(names: list[str], files_a: list[Path], files: list[Path], what: 
 
 def _read(path: Path) -> np.ndarray:
     """An image via :func:`msidtrans_fast.io.read_image`; 16-bit -> float64 on the 8-bit scale."""
-    from .io import read_image
-
-    img = read_image(path)
+    img = _io.read_image(path)
     if img.dtype == np.uint16:
         return img.astype(np.float64) / 257.0
     return img
@@ -332,7 +321,8 @@ def evaluate(sources: str | Path, fused: str | Path | None = None,
 
 
 # ----------------------------------------------------------------------------------- reporting
-_DIGITS = {"Qabf": 4, "Qcb": 4, "NMI": 4, "Qy": 4, "SF": 3, "AG": 3, "SSIM": 4, "PSNR": 2}
+_DIGITS = {"Qabf": 4, "Qcb": 4, "NMI": 4, "Qy": 4, "SF": 3, "AG": 3, "SSIM": 4, "PSNR": 2,
+           "Blotch": 3}
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -386,19 +376,20 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Score multi-focus fused images with the standard "
-                "objective metrics (Qabf, Qcb, NMI, Qy, SF, AG; SSIM/PSNR with a ground truth).")
+                "objective metrics (Qabf, Qcb, NMI, Qy, SF, AG; SSIM/PSNR with a ground truth) "
+                "and Blotch, the share of flat pixels on a switch of source.")
     p.add_argument("--sources", required=True, metavar="ROOT",
                    help="folder holding sourceA/ and sourceB/ (and optionally groundtruth/)")
     p.add_argument("--fused", metavar="DIR", help="folder of fused images, one per source pair "
-                   "(matched in natural sorted order)")
+                   "(matched by name, else in natural sorted order)")
     p.add_argument("--groundtruth", metavar="DIR",
                    help="all-in-focus images for SSIM/PSNR (default: ROOT/groundtruth if present)")
     p.add_argument("--baseline", action="store_true",
                    help="also fuse with the energy-of-Laplacian baseline and score it")
     p.add_argument("--window", type=int, default=BASELINE_WINDOW,
-                   help=f"baseline focus window, odd (default {BASELINE_WINDOW})")
+                   help="baseline focus window, odd (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=BASELINE_THRESHOLD,
-                   help=f"baseline clean-up area fraction (default {BASELINE_THRESHOLD}; 0 = off)")
+                   help="baseline clean-up area fraction (0: off; default: %(default)s)")
     p.add_argument("--save-baseline", metavar="DIR",
                    help="write the baseline's fused images to DIR as NAME.png (overwrites)")
     p.add_argument("--json", metavar="OUT", help="also write all numbers to this JSON file")
@@ -416,9 +407,13 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError(f"--window must be an odd integer >= 1, got {args.window}")
         if not 0 <= args.threshold < 1:
             raise EvaluationError(f"--threshold must be in [0, 1), got {args.threshold}")
-        result = evaluate(args.sources, args.fused, args.groundtruth, baseline=args.baseline,
-                          window=args.window, threshold=args.threshold,
-                          save_baseline=args.save_baseline)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = evaluate(args.sources, args.fused, args.groundtruth, baseline=args.baseline,
+                              window=args.window, threshold=args.threshold,
+                              save_baseline=args.save_baseline)
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            print(f"{PROG}: warning: {message}", file=sys.stderr)
         if args.json is not None:
             Path(args.json).write_text(json.dumps(_json_safe(result), indent=1) + "\n")
     except _UsageError as e:

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +49,87 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")
 #: Output formats :func:`write_image` can produce, by file suffix.
 WRITE_SUFFIXES = PNG_SUFFIXES + TIFF_SUFFIXES + JPEG_SUFFIXES
 
+#: File name endings every tool reads as images (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 class ImageFormatError(ValueError):
     """A file that is not an image this module can read exactly (the message names the file)."""
+
+
+class SkippedFilesWarning(UserWarning):
+    """Files of an image folder that are not images (by suffix) and were left out."""
+
+
+# ------------------------------------------------------------------------------------- folders
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files of ``folder`` (not recursive), sorted by name: the listing rule of every
+    tool (fusing, training, evaluation).
+
+    A file is an image when its suffix is one of :data:`IMAGE_SUFFIXES` (any case). Hidden files
+    (name starting with ".") and sub-folders are ignored silently; any other file is left out
+    and named in one :class:`SkippedFilesWarning` per call.
+
+    Raises:
+        ValueError: the folder does not exist, is not a folder, or holds no image file.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise ValueError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if not images:
+        raise ValueError(f"image folder {folder} holds no image file (looked for "
+                         f"{', '.join(IMAGE_SUFFIXES)})")
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3
+                                          else "")
+        warnings.warn(f"skipped {len(skipped)} non-image file{'s' if len(skipped) > 1 else ''} "
+                      f"in {folder}: {shown}", SkippedFilesWarning, stacklevel=2)
+    return images
+
+
+def _last_number(stem: str) -> int | None:
+    found = re.findall(r"\d+", stem)
+    return int(found[-1]) if found else None
+
+
+def pair_images(*lists: list[Path]) -> list[tuple[Path, ...]]:
+    """The pairing rule of every tool: image lists (as :func:`list_images` returns them, e.g.
+    ``sourceA`` and ``sourceB``) pair by sorted position, as the original ``Eval.py``.
+
+    The lists must have one length; and when every name of a list ends in a number and those
+    numbers are distinct, the numbers of the k-th files must differ from those of the first files
+    by one constant offset per list (``a_07.png`` must not pair with ``b_08.png`` when ``a_01``
+    paired with ``b_01``: a file is missing or extra).
+
+    Returns:
+        One tuple per position, ``(lists[0][k], lists[1][k], ...)``.
+
+    Raises:
+        ValueError: different lengths, or numbered names that do not line up (naming the files).
+    """
+    first = lists[0]
+    for other in lists[1:]:
+        if len(other) != len(first):
+            raise ValueError(f"{len(first)} images in {first[0].parent} but {len(other)} in "
+                             f"{other[0].parent}; the folders pair by sorted name")
+    numbers = [[_last_number(p.stem) for p in files] for files in lists]
+    numbered = [None not in nums and len(set(nums)) == len(nums) for nums in numbers]
+    for other, nums, ok in zip(lists[1:], numbers[1:], numbered[1:], strict=True):
+        if not (ok and numbered[0]):
+            continue
+        for pa, pb, na, nb in zip(first, other, numbers[0], nums, strict=True):
+            if nb - na != nums[0] - numbers[0][0]:
+                raise ValueError(f"{pb.name} does not line up with {pa.name} (the folders "
+                                 f"pair by sorted name: is a file missing or extra?)")
+    return list(zip(*lists, strict=True))
 
 
 #: EXIF tags of the first directory that describe the photo (not the file's layout) and are
@@ -352,13 +429,25 @@ def load_sources(images) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------- writing
-def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def check_writable(path: str | os.PathLike, *, overwrite: bool = False,
+                   create_dirs: bool = False) -> Path:
     """Checks, before any work, that ``path`` can be written by :func:`write_image`.
+
+    The folder is tested by creating and removing a hidden temporary file in it (permission bits
+    alone do not say whether root may write, nor whether a file system such as ``/sys`` accepts a
+    new file).
+
+    Args:
+        overwrite: an existing file is acceptable (it would be replaced).
+        create_dirs: the parent folder may be missing (the caller creates it); the nearest
+            existing ancestor must then be a writable folder.
 
     Raises:
         ValueError: unsupported suffix.
-        FileExistsError: the file exists and ``overwrite`` is false.
-        FileNotFoundError: the parent directory does not exist.
+        FileExistsError: the file exists and ``overwrite`` is false, or the path is a folder.
+        NotADirectoryError: a parent on the way is a file.
+        FileNotFoundError: the parent folder does not exist (without ``create_dirs``).
+        PermissionError: the folder cannot be written.
     """
     path = Path(path)
     if path.suffix.lower() not in WRITE_SUFFIXES:
@@ -369,8 +458,20 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise FileExistsError(f"output exists (pass --overwrite / overwrite=True to replace "
                               f"it): {path}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {path.parent}")
+    folder = path.parent
+    while not folder.exists() and not folder.is_symlink():
+        if not create_dirs:
+            raise FileNotFoundError(f"output directory does not exist: {folder}")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder: cannot write {path}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".msidtrans-write-check-", suffix=".tmp")
+    except OSError as e:
+        raise PermissionError(f"cannot write into folder {folder} ({e.strerror or e}): "
+                              f"{path}") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

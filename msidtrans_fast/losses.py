@@ -1,4 +1,4 @@
-"""The training loss of MSI-DTrans (SPEC.md, "Training").
+"""The training loss of MSI-DTrans (docs/design.md, "Training").
 
 ``loss = 0.7 * L1(D, DM) + 0.1 * Dice(D, DM) + 0.2 * (1 - SSIM(DM, D))``
 

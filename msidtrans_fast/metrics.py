@@ -68,6 +68,22 @@ Metrics, formulas and blind spots (A, B: sources; F: fused image):
     channels; equal to ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
     sigma=1.5, use_sample_covariance=False, data_range=255)``.
 ``PSNR`` -- ``10 log10(255^2 / MSE)`` over all pixels and channels; ``inf`` for identical images.
+``Blotch`` -- switches of source inside flat regions (seams a photographer sees as blotches where
+    the sources differ in brightness), in percent of the flat pixels; lower is better, 0 ideal.
+    Local means ``mX = G_2 * X`` (normalised Gaussian, sigma 2, reflected borders). Where the
+    sources' brightness differs, ``|mA - mB| >= 1`` grey level, the fused image's position between
+    them, ``t = (mF - mB) / (mA - mB)``, says which source it took: A where ``t > 0.75``, B where
+    ``t < 0.25`` (between: a mix, neither). Flat: the local RMS gradient
+    ``sqrt(G_3 * (sx^2 + sy^2)) / 8`` (Sobel, reflected borders; a ramp of s levels per pixel gives
+    s) is at most 1 grey level per pixel in **both** sources, so neither carries focus information
+    there. A switch pixel is a flat pixel whose 5x5 neighbourhood holds both A-taken and B-taken
+    pixels. ``Blotch = 100 * #switch / #flat`` (0 without flat pixels). A switch along an edge does
+    not count (the edge is not flat), nor does one where the sources are equal (it is invisible).
+    Blind spots: switches inside textured regions are not seen (Q^AB/F and Q_CB see those);
+    a brightness step under 1 level counts as no difference, and every counted seam weighs the
+    same whatever its step; it counts seam length, not blotch area, so one large patch weighs less
+    than many small ones of the same area; a gently shaded region (sky with a gradient under 1
+    level per pixel) counts as flat.
 """
 
 from __future__ import annotations
@@ -93,13 +109,21 @@ QCB_SIGMAS = (2.0, 4.0)
 QCB_RADIUS = 15  # 31x31 Gaussian kernels
 QCB_MASKING = (1.0, 1.0, 3.0, 2.0, 1e-4)  # k, h, p, q, Z
 
+#: Blotch constants: local-mean sigma, gradient-energy sigma, flat level (grey levels per pixel),
+#: smallest brightness step between the sources (grey levels), neighbourhood radius of a switch.
+BLOTCH_MEAN_SIGMA = 2.0
+BLOTCH_ENERGY_SIGMA = 3.0
+BLOTCH_FLAT_LEVEL = 1.0
+BLOTCH_MIN_STEP = 1.0
+BLOTCH_RADIUS = 2
+
 #: SSIM constants on the 8-bit scale.
 DATA_RANGE = 255.0
 SSIM_C1 = (0.01 * DATA_RANGE) ** 2
 SSIM_C2 = (0.03 * DATA_RANGE) ** 2
 
 #: Names of the metrics returned by :func:`fusion_metrics` and :func:`reference_metrics`.
-FUSION_METRICS = ("Qabf", "Qcb", "NMI", "Qy", "SF", "AG")
+FUSION_METRICS = ("Qabf", "Qcb", "NMI", "Qy", "SF", "AG", "Blotch")
 REFERENCE_METRICS = ("SSIM", "PSNR")
 
 
@@ -182,9 +206,10 @@ def _ssim_maps(x: np.ndarray, y: np.ndarray, taps: np.ndarray):
 
 
 # ------------------------------------------------------------------------------------ metrics
-def _sobel(y: np.ndarray):
-    """Sobel responses (sx, sy) of an (H, W) map, zero padding, same size."""
-    p = np.pad(y, 1)
+def _sobel(y: np.ndarray, mode: str = "constant"):
+    """Sobel responses (sx, sy) of an (H, W) map, same size; ``mode``: np.pad's border mode
+    (zero padding by default)."""
+    p = np.pad(y, 1, mode=mode)
     sx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
     sy = (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:]) - (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:])
     return sx, sy
@@ -424,6 +449,75 @@ def psnr(x, ref) -> float:
     return 10.0 * math.log10(DATA_RANGE ** 2 / mse)
 
 
+def _gaussian_same(stack: np.ndarray, sigma: float) -> np.ndarray:
+    """(n, H, W) stack filtered with a normalised Gaussian (radius 3 sigma), reflected borders."""
+    r = math.ceil(3 * sigma)
+    return _filter_valid(np.pad(stack, ((0, 0), (r, r), (r, r)), mode="reflect"),
+                         _gaussian_1d(2 * r + 1, sigma))
+
+
+def _max_filter(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Whether any pixel of the (2 radius + 1)^2 square around each pixel of a bool map is set."""
+    h, w = mask.shape
+    p = np.pad(mask, radius)
+    rows = np.zeros((h, p.shape[1]), dtype=bool)
+    for i in range(2 * radius + 1):
+        rows |= p[i:i + h]
+    out = np.zeros((h, w), dtype=bool)
+    for j in range(2 * radius + 1):
+        out |= rows[:, j:j + w]
+    return out
+
+
+def flat_mask(a, b, level: float = BLOTCH_FLAT_LEVEL) -> np.ndarray:
+    """Where neither source carries focus information: (H, W) bool, True where the local RMS
+    gradient (see ``Blotch`` in the module docstring) is at most ``level`` grey levels per pixel
+    in both sources. a, b: (H, W) or (H, W, 3), 0..255 scale, same H and W."""
+    ya, yb = to_luminance(a, "a"), to_luminance(b, "b")
+    if ya.shape != yb.shape:
+        raise ValueError(f"a and b must have the same height and width, got {ya.shape} and "
+                         f"{yb.shape}")
+    energy = []
+    for y in (ya, yb):
+        sx, sy = _sobel(y, mode="reflect")
+        energy.append(sx * sx + sy * sy)
+    rms = np.sqrt(_gaussian_same(np.stack(energy), BLOTCH_ENERGY_SIGMA)) / 8
+    return rms.max(0) <= level
+
+
+def switch_map(a, b, f) -> tuple[np.ndarray, np.ndarray]:
+    """Where the fused image switches source inside flat regions (see ``Blotch`` in the module
+    docstring).
+
+    Args:
+        a, b: the sources; f: the fused image. (H, W) or (H, W, 3), 0..255 scale, same H and W.
+
+    Returns:
+        ``(switch, flat)``: (H, W) bool maps; ``switch`` is a subset of ``flat``.
+    """
+    ya, yb, yf = _sources_and_fused(a, b, f, min_size=1)
+    ma, mb, mf = _gaussian_same(np.stack([ya, yb, yf]), BLOTCH_MEAN_SIGMA)
+    step = ma - mb
+    known = np.abs(step) >= BLOTCH_MIN_STEP
+    t = np.where(known, (mf - mb) / np.where(known, step, 1.0), 0.5)
+    took_a, took_b = known & (t > 0.75), known & (t < 0.25)
+    flat = flat_mask(ya, yb)
+    switch = flat & _max_filter(took_a, BLOTCH_RADIUS) & _max_filter(took_b, BLOTCH_RADIUS)
+    return switch, flat
+
+
+def blotch(a, b, f) -> float:
+    """Switches of source inside flat regions, in percent of the flat pixels (0 when there are
+    none); see ``Blotch`` in the module docstring. Lower is better.
+
+    Args:
+        a, b: the sources; f: the fused image. (H, W) or (H, W, 3), 0..255 scale, same H and W.
+    """
+    switch, flat = switch_map(a, b, f)
+    n = int(flat.sum())
+    return 100.0 * float(switch.sum()) / n if n else 0.0
+
+
 def fusion_metrics(a, b, f) -> dict[str, float]:
     """All no-reference fusion metrics of one fused image.
 
@@ -432,7 +526,8 @@ def fusion_metrics(a, b, f) -> dict[str, float]:
             at least 7x7.
 
     Returns:
-        ``{"Qabf", "Qcb", "NMI", "Qy", "SF", "AG"}`` -> float (see :data:`FUSION_METRICS`).
+        ``{"Qabf", "Qcb", "NMI", "Qy", "SF", "AG", "Blotch"}`` -> float (see
+        :data:`FUSION_METRICS`).
     """
     ya, yb, yf = _sources_and_fused(a, b, f, min_size=7)
     return {
@@ -442,6 +537,7 @@ def fusion_metrics(a, b, f) -> dict[str, float]:
         "Qy": qy(ya, yb, yf),
         "SF": spatial_frequency(yf),
         "AG": average_gradient(yf),
+        "Blotch": blotch(ya, yb, yf),
     }
 
 

@@ -1,4 +1,4 @@
-"""The MSI-DTrans network (SPEC.md, "The network")."""
+"""The MSI-DTrans network (docs/design.md, "The network")."""
 
 from __future__ import annotations
 
@@ -89,15 +89,7 @@ class MSIDTrans(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name not in backends.available_backends():
-            raise ValueError(f"unknown backend {name!r}; choose one of "
-                             f"{backends.available_backends()}")
-        self._backend_request = name
-
-    def _set_module_backends(self, name: str) -> None:
-        for module in self.modules():
-            if module is not self and hasattr(module, "backend"):
-                module.backend = name
+        self._backend_request = backends.check_name(name)
 
     # ----------------------------------------------------------------------------------- checks
     def _check_inputs(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -153,7 +145,7 @@ class MSIDTrans(nn.Module):
         """
         self._check_inputs(A, B)
         perms = self._attention_permutations(q_perms)
-        self._set_module_backends(backends.resolve_backend(self._backend_request, A.device))
+        backend = backends.resolve_backend(self._backend_request, A.device)
         H, W = A.shape[-2:]
         H1, W1 = _half(H), _half(W)
         H2, W2 = _half(H1), _half(W1)
@@ -191,9 +183,9 @@ class MSIDTrans(nn.Module):
             conv_bn(self.Mixer2[0](mix1), self.Mixer2[1], self.Mixer2[2]))
         D = torch.cat([mixer, mixer1, mixer2], dim=1)
 
-        D = self.t0(D, perms[0:2])
-        D = self.tu1(self.up1(D, H3, W3) + skip2, perms[2:3])
-        D = self.tu2(self.up2(D, H2, W2) + skip1, perms[3:4])
+        D = self.t0(D, perms[0:2], backend)
+        D = self.tu1(self.up1(D, H3, W3) + skip2, perms[2:3], backend)
+        D = self.tu2(self.up2(D, H2, W2) + skip1, perms[3:4], backend)
         D = self.up3(D, H1, W1) + skip0
         D = self.up(D, H, W)
         return self.ReconstructD(D)

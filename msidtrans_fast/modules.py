@@ -1,4 +1,4 @@
-"""The building blocks of MSI-DTrans (see SPEC.md, "Blocks").
+"""The building blocks of MSI-DTrans (docs/design.md, "Building blocks").
 
 Attribute names and registration order reproduce the original's ``state_dict`` exactly (including
 its spellings, e.g. ``Multi_scale_Token_Embeding``), so that its checkpoints load with
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends, ops, reference
+from .backends import ATTENTION_IMPLS
 
 Permutation = Sequence[int]
 
@@ -46,22 +47,19 @@ class HaarSplit(nn.Module):
     """Haar wavelet split, ``(b, C, H, W) -> (low (b, C, H', W'), high (b, 3C, H', W'))``.
 
     ``H' = ceil(H/2)``. Differentiable; with ``detach=True`` it cuts the graph as the original's
-    numpy round trip did (nothing upstream of it then learns). ``backend`` is set by the model:
-    "reference" runs :func:`reference.haar_split`, any other backend :func:`ops.haar_split`
-    (the compiled extension where built, else the same reference code).
+    numpy round trip did (nothing upstream of it then learns). Runs :func:`ops.haar_split`: the
+    compiled extension wherever it is built, whatever the attention backend, else the plain
+    PyTorch code (:func:`ops.pytorch_fallback` forces that, for parity tests).
     """
 
     def __init__(self, detach: bool = False):
         super().__init__()
         self.detach = detach
-        self.backend = backends.REFERENCE
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.detach:
             x = x.detach()
-        if self.backend != backends.REFERENCE:
-            return ops.haar_split(x)
-        return reference.haar_split(x)
+        return ops.haar_split(x)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -289,23 +287,17 @@ class PreNorm(nn.Module):
         return self.fn(self.norm(x))
 
 
-#: backend name -> ``impl(block: AttentionPreNorm, x, perm) -> fn(cLN(x), perm)``.
-ATTENTION_IMPLS: dict = {}
-
-
 class AttentionPreNorm(PreNorm):
     """``attention(cLN(x), perm)``, the unit a fused backend replaces as a whole.
 
-    A backend registered in :data:`ATTENTION_IMPLS` receives this block (for its weights) and the
-    un-normalised input; ``backend`` is set by the model.
+    ``forward(x, perm, backend)``: a backend with an entry in :data:`ATTENTION_IMPLS` receives
+    this block (for its weights) and the un-normalised input; any other name ("reference") runs
+    the modules' own PyTorch code. The model passes the backend it resolved for the call.
     """
 
-    def __init__(self, dim: int, attention: MultiScaleAttention):
-        super().__init__(dim, attention)
-        self.backend = backends.REFERENCE
-
-    def forward(self, x: torch.Tensor, perm: Permutation) -> torch.Tensor:
-        impl = ATTENTION_IMPLS.get(self.backend)
+    def forward(self, x: torch.Tensor, perm: Permutation,
+                backend: str = backends.REFERENCE) -> torch.Tensor:
+        impl = ATTENTION_IMPLS.get(backend)
         if impl is None:
             return self.fn(self.norm(x), perm)
         return impl(self, x, perm)
@@ -327,7 +319,8 @@ class FeedForward(nn.Module):
 class Transformer(nn.Module):
     """``depth`` times: ``x = Attention(cLN(x), perm) + x; x = FF(cLN(x)) + x``.
 
-    ``forward(x, perms)`` takes one permutation per layer.
+    ``forward(x, perms, backend)`` takes one permutation per layer and the attention backend
+    (see :class:`AttentionPreNorm`).
     """
 
     def __init__(self, dim: int, dim_head: int, depth: int, mlp_mult: int, kv_stride: int,
@@ -339,10 +332,11 @@ class Transformer(nn.Module):
                 PreNorm(dim, FeedForward(dim, mlp_mult, dropout))])
             for _ in range(depth)])
 
-    def forward(self, x: torch.Tensor, perms: Sequence[Permutation]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, perms: Sequence[Permutation],
+                backend: str = backends.REFERENCE) -> torch.Tensor:
         if len(perms) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} permutations, got {len(perms)}")
         for (attention, feed_forward), perm in zip(self.layers, perms, strict=True):
-            x = attention(x, perm) + x
+            x = attention(x, perm, backend) + x
             x = feed_forward(x) + x
         return x

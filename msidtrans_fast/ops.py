@@ -9,12 +9,13 @@ so and how to build it. :func:`compiled` tells which ops run compiled on which d
 Ops:
 
 * :func:`haar_split` -- ``pywt.dwt2(x, 'haar', mode='zero')`` on NCHW tensors, differentiable.
-* :func:`remove_small_regions` -- the original ``Eval.py`` consistency check (SPEC "Fusing",
-  step 4): drop small 4-connected foreground components, then fill small background ones.
+* :func:`remove_small_regions` -- the original ``Eval.py`` consistency check (docs/design.md,
+  "Fusing", step 4): drop small 4-connected foreground components, then fill small background ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 
@@ -31,6 +32,7 @@ except ImportError as exc:  # not built, or built against another torch
 
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"
 _warned = False
+_warned_cuda = False
 
 #: dtypes the compiled Haar split handles, per device type.
 _HAAR_DTYPES = {
@@ -49,9 +51,37 @@ def _warn_missing() -> None:
             f"{_BUILD_HINT}.", RuntimeWarning, stacklevel=3)
 
 
+_fallback_forced = False
+
+
+@contextlib.contextmanager
+def pytorch_fallback():
+    """Within the block the ops run their plain-PyTorch fallbacks even where the extension is
+    built (for parity tests against the compiled ops). Not thread-safe: it sets a module flag."""
+    global _fallback_forced
+    before, _fallback_forced = _fallback_forced, True
+    try:
+        yield
+    finally:
+        _fallback_forced = before
+
+
+def _warn_no_cuda(device: torch.device) -> None:
+    """Once: CUDA tensors take the PyTorch fallback because ``_C`` was built without CUDA."""
+    global _warned_cuda
+    if device.type == "cuda" and _C is not None and not _C.has_cuda() and not _warned_cuda:
+        _warned_cuda = True
+        warnings.warn(
+            "msidtrans_fast._C was built without its CUDA kernels, so CUDA tensors use the slower "
+            "PyTorch fallbacks of haar_split and remove_small_regions. To get them, install a "
+            f"CUDA build of torch and nvcc (or set FORCE_CUDA=1), then {_BUILD_HINT}.",
+            RuntimeWarning, stacklevel=3)
+
+
 def _has_device(device: torch.device) -> bool:
-    """Whether the extension is built and covers tensors on ``device``."""
-    if _C is None:
+    """Whether the extension is built, covers tensors on ``device`` and is not switched off by
+    :func:`pytorch_fallback`."""
+    if _C is None or _fallback_forced:
         return False
     if device.type == "cpu":
         return True
@@ -163,6 +193,7 @@ def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _warn_missing()
         return reference.haar_split(x)
     if not _has_device(x.device) or x.dtype not in _HAAR_DTYPES.get(x.device.type, ()):
+        _warn_no_cuda(x.device)
         return reference.haar_split(x)
     return torch.ops.msidtrans_fast.haar_split_forward(x.contiguous())
 
@@ -241,7 +272,7 @@ def _remove_small_regions_fallback(mask: torch.Tensor, min_area: int) -> torch.T
 
 
 def remove_small_regions(mask: torch.Tensor, min_area: int) -> torch.Tensor:
-    """The consistency check of the original ``Eval.py`` (SPEC "Fusing", step 4).
+    """The consistency check of the original ``Eval.py`` (docs/design.md, "Fusing", step 4).
 
     First every 4-connected foreground component (pixels equal to 1) with fewer than
     ``min_area`` pixels is set to 0; then, on that result, every 4-connected background
@@ -274,4 +305,5 @@ def remove_small_regions(mask: torch.Tensor, min_area: int) -> torch.Tensor:
         return out.unsqueeze(1).to(mask.dtype)
     if _C is None:
         _warn_missing()
+    _warn_no_cuda(mask.device)
     return _remove_small_regions_fallback(binary[:, 0], area).unsqueeze(1).to(mask.dtype)

@@ -5,25 +5,29 @@ fusion the stages are:
 
 1. **load** (:func:`msidtrans_fast.io.load_sources`): files, arrays, PIL images or tensors become
    (H, W, C) arrays of one size and dtype;
-2. **decision map** (a :class:`Decider`, made by :func:`make_decider`): for a pair (a, b), the
+2. **align** (optional, :func:`align_stage`, :mod:`msidtrans_fast.align`): every source is
+   registered to the first and warped onto its pixel grid; where a warped source has no content
+   (its border) it holds the first source's pixels and the decisions take the first source;
+   with ``align_crop`` the result is cut to the area every source covers;
+3. **decision map** (a :class:`Decider`, made by :func:`make_decider`): for a pair (a, b), the
    network's soft map D, (H, W) float32 in [0, 1], large where ``a`` is sharp. The pixels enter
    the network as RGB in [-1, 1] (value / 255 or / 65535, gray replicated, then mean 0.5 / std 0.5)
    in eval mode, under ``torch.inference_mode``: at full resolution, batch 1
    (:class:`WholeImageDecider`, the original's way), or on overlapping tiles blended into one map
    (:class:`msidtrans_fast.tiling.TiledDecider`, for large camera frames; ``tile="auto"`` keeps
    the whole-image path up to :data:`msidtrans_fast.tiling.AUTO_WHOLE_MAX_PIXELS`);
-3. **binarise** (:func:`binarise`): ``D > 0.5``, then the consistency check on the whole map: with
+4. **binarise** (:func:`binarise`): ``D > 0.5``, then the consistency check on the whole map: with
    ``area = threshold * H * W``, 4-connected foreground then background components of strictly
    fewer than ``area`` pixels are flipped (:func:`msidtrans_fast.ops.remove_small_regions` with
    ``min_area = ceil(area)``, which removes exactly the components of size ``s < area``);
    ``threshold = 0`` disables it;
-4. **compose** (:func:`compose`): every fused pixel is copied from the source the binary decisions
+5. **compose** (:func:`compose`): every fused pixel is copied from the source the binary decisions
    chose, so the output keeps the sources' dtype exactly (the original's ``A * D + B * (1 - D)``
    with a binary D);
-5. **write**: the caller's (``msidtrans-fuse`` writes atomically with
+6. **write**: the caller's (``msidtrans-fuse`` writes atomically with
    :func:`msidtrans_fast.io.write_image`).
 
-Focus stacks (n > 2 sources) run stages 2-3 on pairs of sources. Up to :data:`VOTE_MAX_SOURCES`
+Focus stacks (n > 2 sources) run stages 3-4 on pairs of sources. Up to :data:`VOTE_MAX_SOURCES`
 sources every pair (i, j) gets a binary decision map (n(n-1)/2 network runs) and each pixel takes
 the source that wins the most of its pairwise comparisons (ties: the lowest index): a per-pixel
 choice over all sources that does not depend on their order. Larger stacks are folded pairwise,
@@ -40,19 +44,24 @@ import math
 import numbers
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from . import align as _align
 from . import io as _io
 from . import tiling as _tiling
 from . import weights as _weights
 
 #: Binarisation level of the soft decision map (stage 3).
 BINARY_LEVEL = 0.5
+
+#: One source in the layout every stage takes (defined in :mod:`msidtrans_fast.io`).
+as_source_array = _io.as_source_array
 
 _MODEL_CACHE: dict[tuple[str, str, torch.dtype], torch.nn.Module] = {}
 _MODEL_LOCK = threading.Lock()
@@ -90,6 +99,14 @@ class FuseOptions:
         dtype: compute dtype of the network, "float32" (None: float32, or the given model's
             dtype), "bfloat16", or "float16" (CUDA only), or a ``torch.dtype``.
         threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
+        align: register the sources to the first before fusing, with this motion model:
+            "similarity" (scale, rotation, shift; ``True`` means it), "affine" or "homography";
+            None or False: the sources are fused as given (see :mod:`msidtrans_fast.align`).
+        align_crop: cut the output (and decision map) to the largest rectangle every aligned
+            source covers; otherwise the output has the first source's size.
+        align_fallback: when a source cannot be aligned, warn (:class:`AlignmentWarning`) and
+            fuse the sources unaligned instead of raising
+            :class:`~msidtrans_fast.align.AlignmentError`.
         tile: how the decision map is computed: "auto" (the whole image at once up to
             :data:`~msidtrans_fast.tiling.AUTO_WHOLE_MAX_PIXELS`, tiles of
             :data:`~msidtrans_fast.tiling.DEFAULT_TILE` px above), None or "off" (always the
@@ -97,8 +114,9 @@ class FuseOptions:
         tile_overlap: least overlap of neighbouring tiles in pixels, 0 to half the tile.
 
     Raises:
-        ValueError: a threshold outside [0, 1), a bad tile or overlap (device and dtype are
-            checked when the network is loaded, by :func:`make_decider`).
+        ValueError: a threshold outside [0, 1), an unknown alignment model, a bad tile or
+            overlap (device and dtype are checked when the network is loaded, by
+            :func:`make_decider`).
     """
 
     device: str | torch.device | None = None
@@ -106,12 +124,85 @@ class FuseOptions:
     threshold: float = 0.001
     tile: int | str | None = "auto"
     tile_overlap: int = _tiling.DEFAULT_OVERLAP
+    align: str | None = None
+    align_crop: bool = False
+    align_fallback: bool = False
 
     def __post_init__(self):
         t = self.threshold
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 <= t < 1:
             raise ValueError(f"threshold must be a number in [0, 1), got {t!r}")
         _tiling.check_tile_option(self.tile, self.tile_overlap)
+        if self.align is True:
+            object.__setattr__(self, "align", "similarity")
+        elif self.align is False:
+            object.__setattr__(self, "align", None)
+        if self.align is not None and self.align not in _align.MODELS:
+            raise ValueError(f"align must be one of {', '.join(_align.MODELS)} (or None), got "
+                             f"{self.align!r}")
+        for name in ("align_crop", "align_fallback"):
+            if getattr(self, name) and self.align is None:
+                raise ValueError(f"{name} needs align (a motion model)")
+
+
+# ------------------------------------------------------------------------------- align stage
+class AlignmentWarning(UserWarning):
+    """A source could not be aligned and the sources are fused unaligned (``align_fallback``)."""
+
+
+def estimate_alignment(sources: Sequence[np.ndarray], options: FuseOptions,
+                       names: Sequence[str] | None = None) -> list[_align.Alignment] | None:
+    """The estimating half of the align stage: one :class:`~msidtrans_fast.align.Alignment` per
+    source (neighbours registered, transforms composed), or None when alignment is off, or
+    failed and ``options.align_fallback`` asks to fuse unaligned (an :class:`AlignmentWarning`
+    names the source and the reason).
+
+    Raises:
+        msidtrans_fast.align.AlignmentError: a source cannot be aligned (without fallback).
+    """
+    if options.align is None:
+        return None
+    try:
+        return _align.estimate_stack(sources, options.align, names=names)
+    except _align.AlignmentError as e:
+        if not options.align_fallback:
+            raise
+        warnings.warn(f"{e}; fusing the sources unaligned", AlignmentWarning, stacklevel=2)
+        return None
+
+
+def align_stage(sources: Sequence[np.ndarray], options: FuseOptions,
+                names: Sequence[str] | None = None,
+                alignments: Sequence[_align.Alignment] | None = None
+                ) -> _align.AlignedSources | None:
+    """The align stage: the sources on the first source's grid, or None when they are fused as
+    given (alignment off, or failed with ``align_fallback``). ``alignments`` may carry an
+    estimate made earlier (:func:`estimate_alignment`) to skip estimating again."""
+    if alignments is None:
+        alignments = estimate_alignment(sources, options, names)
+    if alignments is None:
+        return None
+    return _align.warp_sources(sources, alignments)
+
+
+def content_aware(decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                  aligned: _align.AlignedSources
+                  ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``decide(a, b)`` for aligned sources: where ``b`` has no content ``a`` is taken, where
+    only ``a`` has none ``b`` is. Sources are recognised by identity; any other array (a fold's
+    running result) counts as having content everywhere."""
+    valid = {id(img): v for img, v in zip(aligned.images, aligned.valid, strict=True)}
+
+    def wrapped(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        keep = decide(a, b)
+        va, vb = valid.get(id(a)), valid.get(id(b))
+        if va is not None:
+            keep = keep & va
+        if vb is not None:
+            keep = keep | ~vb
+        return keep
+
+    return wrapped
 
 
 # ---------------------------------------------------------------------------- decision stage
@@ -308,10 +399,25 @@ class Fused:
     Attributes:
         image: (H, W) for grayscale or (H, W, 3) for RGB sources, the sources' dtype.
         labels: (H, W) int64, the index of the source each pixel was taken from.
+        aligned: with alignment, the sources as the decision stage saw them (on the first
+            source's grid) and their transforms; None otherwise.
+        crop: with ``align_crop``, the ``(top, bottom, left, right)`` rectangle of the first
+            source's grid that ``image`` and ``labels`` cover; None otherwise.
     """
 
     image: np.ndarray
     labels: np.ndarray
+    aligned: _align.AlignedSources | None = field(default=None, repr=False)
+    crop: tuple[int, int, int, int] | None = None
+
+    def aligned_images(self) -> list[np.ndarray] | None:
+        """The aligned sources cut like ``image`` ((H, W) or (H, W, 3), the sources' dtype), or
+        None without alignment."""
+        if self.aligned is None:
+            return None
+        t, b, left, r = self.crop or (0, self.labels.shape[0], 0, self.labels.shape[1])
+        return [img[t:b, left:r, 0] if img.shape[-1] == 1 else img[t:b, left:r]
+                for img in self.aligned.images]
 
     def decision_map(self, num_sources: int) -> np.ndarray:
         """What :func:`fuse` returns as the decision map: for a pair, (H, W) float32 D in {0, 1},
@@ -330,12 +436,30 @@ def compose(sources: Sequence[np.ndarray],
 
 
 def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseOptions,
-                 progress: Callable[[], None] | None = None) -> Fused:
+                 progress: Callable[[], None] | None = None, *,
+                 names: Sequence[str] | None = None,
+                 alignments: Sequence[_align.Alignment] | None = None) -> Fused:
     """The stages after loading, for sources as :func:`msidtrans_fast.io.load_sources` returns
-    them: decision map and binarise for each pair the compose stage asks about, then compose.
-    ``progress()`` is called after each pair decision (:func:`stack_runs` in all)."""
-    return compose(sources, lambda a, b: pair_decision(decider, a, b, options.threshold),
-                   progress)
+    them: align (if ``options.align``), decision map and binarise for each pair the compose
+    stage asks about, then compose. ``progress()`` is called after each pair decision
+    (:func:`stack_runs` in all). ``names`` name the sources in alignment messages;
+    ``alignments`` reuse an earlier :func:`estimate_alignment`.
+
+    Raises:
+        msidtrans_fast.align.AlignmentError: a source cannot be aligned (without fallback).
+    """
+    aligned = align_stage(sources, options, names, alignments)
+
+    def decide(a, b):
+        return pair_decision(decider, a, b, options.threshold)
+
+    if aligned is None:
+        return compose(sources, decide, progress)
+    result = compose(aligned.images, content_aware(decide, aligned), progress)
+    if not options.align_crop:
+        return Fused(result.image, result.labels, aligned)
+    t, b, left, r = aligned.crop()
+    return Fused(result.image[t:b, left:r], result.labels[t:b, left:r], aligned, (t, b, left, r))
 
 
 # ------------------------------------------------------------------------------------- the API
@@ -345,6 +469,8 @@ _UNSET = object()
 def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module | None = None,
          weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, threshold: float | None = None,
+         align: str | bool | None = None, align_crop: bool | None = None,
+         align_fallback: bool | None = None,
          tile=_UNSET, tile_overlap: int | None = None,
          return_decision_map: bool = False, progress: Callable[[], None] | None = None):
     """Fuses two or more images of one scene focused at different depths.
@@ -356,9 +482,13 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
             must share the bit depth; gray and RGB may be mixed (the result is then RGB). More
             than two sources form a focus stack: all are fused (see the module docstring).
         options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``,
-            ``tile``, ``tile_overlap`` as keywords (not both). Defaults: threshold 0.001, as the
-            original; ``tile="auto"`` (the whole image up to 1024 x 1024 pixels, tiles above;
-            ``tile=None`` always runs the whole image, ``tile=N`` tiles of N px).
+            ``align``, ``align_crop``, ``align_fallback``, ``tile``, ``tile_overlap`` as keywords
+            (not both). Default threshold: 0.001, as the original; no alignment.
+            ``align="similarity"`` (or ``"affine"``, ``"homography"``) registers every source to
+            the first before the decision map (for handheld or refocused stacks); the output then
+            has the first source's size (``align_crop=True``: the area every source covers).
+            ``tile="auto"`` (default) runs the whole image up to 1024 x 1024 pixels and tiles
+            above; ``tile=None`` always runs the whole image, ``tile=N`` tiles of N px.
         model: an :class:`~msidtrans_fast.model.MSIDTrans` to use (put in eval mode for the call;
             inputs go to its device and dtype). Default: the bundled weights, loaded once and
             cached, on ``device`` in ``dtype``.
@@ -370,14 +500,19 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
         ``fused``: (H, W) for grayscale or (H, W, 3) for RGB sources, with the sources' dtype.
         With ``return_decision_map``, ``(fused, decision_map)``: for a pair, (H, W) float32 D in
         {0, 1}, 1 where the first source was taken (the original's binary decision map); for a
-        stack, (H, W) int64, the index of the source each pixel was taken from.
+        stack, (H, W) int64, the index of the source each pixel was taken from. The decision map
+        is in the first source's frame (cut like ``fused`` with ``align_crop``).
 
     Raises:
         FileNotFoundError, ValueError, TypeError: unreadable sources, fewer than two, different
-            sizes or bit depths, a bad threshold, weights, device or dtype.
+            sizes or bit depths, a bad threshold, weights, device, dtype or alignment model.
+        msidtrans_fast.align.AlignmentError: a source cannot be aligned (a ValueError naming
+            it), unless ``align_fallback``.
         torch.OutOfMemoryError: the image does not fit the device (see :func:`estimate_memory`).
     """
     fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold),
+                                ("align", align), ("align_crop", align_crop),
+                                ("align_fallback", align_fallback),
                                 ("tile_overlap", tile_overlap)) if v is not None}
     if tile is not _UNSET:
         fields["tile"] = tile
@@ -385,9 +520,12 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
         options = FuseOptions(**fields)
     elif fields:
         raise ValueError(f"pass either options or {', '.join(fields)}, not both")
+    if not isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
+        images = list(images)  # read twice: the sources, then their names
     sources = _io.load_sources(images)
     decider = make_decider(options, model=model, weights=weights)
-    result = fuse_sources(sources, decider, options, progress)
+    result = fuse_sources(sources, decider, options, progress,
+                          names=_io.source_names(images))
     if not return_decision_map:
         return result.image
     return result.image, result.decision_map(len(sources))

@@ -1,4 +1,4 @@
-"""Training MSI-DTrans: ``msidtrans-train`` and :func:`train` (SPEC.md, "Training").
+"""Training MSI-DTrans: ``msidtrans-train`` and :func:`train` (docs/design.md, "Training").
 
 The original recipe: AdamW (lr 2e-4, weight decay 0), StepLR (step 1 epoch, gamma 0.88), batch 8,
 up to 200 epochs, early stopping after 6 epochs without a better validation loss, loss
@@ -52,8 +52,11 @@ from .datasets import FolderPairs, SyntheticPairs, list_images, seed_worker, spl
 from .losses import msidtrans_loss
 from .model import MSIDTrans
 from .modules import RSEModule
+from .weights import read_checkpoint
 
 CHECKPOINT_FORMAT = "msidtrans_fast.training/1"
+#: The loss terms logged per epoch, in the order of the sums.
+LOSS_TERMS = ("loss", "l1", "dice", "ssim")
 LOG_FIELDS = ("epoch", "lr", "steps", "train_loss", "train_l1", "train_dice", "train_ssim",
               "val_loss", "val_l1", "val_dice", "val_ssim", "best", "epoch_seconds")
 
@@ -187,33 +190,29 @@ def load_model_weights(model: MSIDTrans, state: Any, source: str) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a training checkpoint written by :func:`train`.
+    """Reads a training checkpoint written by :func:`train`, safely
+    (:func:`msidtrans_fast.weights.read_checkpoint`: no code from the file runs).
 
     Raises:
         ValueError: the file is missing, unreadable or not a training checkpoint (a plain
             state_dict, for example: use it with ``init`` instead).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle is a bad file
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    ckpt = _read_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint of msidtrans-train (a plain "
                          "state_dict can start a run with --init, not continue one with --resume)")
     return ckpt
 
 
-def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist")
+def _read_file(path: str | Path, what: str = "weights file") -> Any:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot read weights {path}: {exc}") from exc
+        return read_checkpoint(path, what)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    obj = _read_file(path)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         obj = obj["model"]
     return obj
@@ -286,6 +285,48 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def training_progress(history: Sequence[dict[str, Any]]) -> tuple[float, int, int]:
+    """``(best validation loss, its epoch, epochs since it)`` from a run's history rows.
+
+    The best epoch is the first whose ``val_loss`` is strictly lower than every earlier one (a NaN
+    loss never is); before any epoch: ``(inf, 0, 0)``. Early stopping triggers when the third value
+    reaches the patience.
+    """
+    best, best_epoch, stale = math.inf, 0, 0
+    for row in history:
+        if row["val_loss"] < best:
+            best, best_epoch, stale = row["val_loss"], row["epoch"], 0
+        else:
+            stale += 1
+    return best, best_epoch, stale
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints to ``out_dir``, in the manner of timm's ``CheckpointSaver``.
+
+    :meth:`save` writes ``checkpoint_epoch_NNN.pt`` atomically, copies it to ``last.pt`` and,
+    for a new best epoch, to ``best.pt`` with the plain weights in ``best_model.pt``; with
+    ``keep > 0`` only the newest ``keep`` per-epoch files remain.
+    """
+
+    def __init__(self, out_dir: Path, keep: int = 0):
+        self.out_dir, self.keep = Path(out_dir), keep
+        self.last_path = self.out_dir / "last.pt"
+
+    def save(self, state: dict[str, Any], epoch: int, is_best: bool) -> Path:
+        """Writes ``state`` (a full training state with a ``"model"`` state_dict) for ``epoch``."""
+        path = self.out_dir / f"checkpoint_epoch_{epoch:03d}.pt"
+        _atomic_save(state, path)
+        shutil.copyfile(path, self.last_path)
+        if is_best:
+            shutil.copyfile(path, self.out_dir / "best.pt")
+            _atomic_save(state["model"], self.out_dir / "best_model.pt")
+        if self.keep:
+            for old in sorted(self.out_dir.glob("checkpoint_epoch_*.pt"))[:-self.keep]:
+                old.unlink()
+        return path
+
+
 # --------------------------------------------------------------------------------------- train
 def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
     """Trains MSI-DTrans as configured; see the module docstring for what it writes.
@@ -319,6 +360,60 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainResult:
             dist.destroy_process_group()
 
 
+def _build_model(cfg: TrainConfig, device: torch.device,
+                 ckpt: dict[str, Any] | None) -> MSIDTrans:
+    """The network on ``device``: seeded, then the checkpoint's or ``init`` weights."""
+    seed_everything(cfg.seed)
+    model = MSIDTrans(backend=cfg.backend).to(device)
+    if ckpt is not None:
+        load_model_weights(model, ckpt["model"], cfg.resume)
+    elif cfg.init:
+        load_model_weights(model, _read_weights(cfg.init), cfg.init)
+    backends.resolve_backend(cfg.backend, device)  # raises if the backend cannot run here
+    # RSEModule.sub2 exists only for checkpoint compatibility and is never called: keep it out of
+    # autograd so that DDP does not wait for its gradients.
+    for module in model.modules():
+        if isinstance(module, RSEModule):
+            module.sub2.requires_grad_(False)
+    return model
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+            else contextlib.nullcontext())
+
+
+def train_one_epoch(net: torch.nn.Module, batches: DataLoader, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, device: torch.device,
+                    amp_dtype: torch.dtype | None, bar=None) -> tuple[torch.Tensor, int]:
+    """One pass over ``batches`` in train mode: forward (under autocast when ``amp_dtype``), loss,
+    scaled backward, optimiser step.
+
+    Returns:
+        ``(sums, steps)``: float64 (4,) sums of the batch means of (loss, l1, dice, ssim) on
+        ``device``, and the number of steps.
+    """
+    net.train()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    steps = 0
+    for batch in batches:
+        a, b, dm = (batch[k].to(device, non_blocking=True) for k in ("A", "B", "DM"))
+        with _autocast(device, amp_dtype):
+            d = net(a, b)
+        loss, parts = msidtrans_loss(d, dm)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sums += torch.stack([parts[k] for k in LOSS_TERMS]).double()
+        steps += 1
+        if bar is not None:
+            bar.update(1)
+            if steps % 10 == 0 or steps == 1:
+                bar.set_postfix(loss=f"{(sums[0] / steps).item():.4f}")
+    return sums, steps
+
+
 def _train(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
            t_start: float) -> TrainResult:
     out = Path(cfg.out_dir)
@@ -327,23 +422,14 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
         out.mkdir(parents=True, exist_ok=True)
 
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
-    seed_everything(cfg.seed)
-    model = MSIDTrans(backend=cfg.backend).to(device)
-    if ckpt is not None:
-        load_model_weights(model, ckpt["model"], cfg.resume)
-    elif cfg.init:
-        load_model_weights(model, _read_weights(cfg.init), cfg.init)
-    model.backend = cfg.backend  # validates the name
-    backends.resolve_backend(cfg.backend, device)  # raises if the backend cannot run here
-
+    model = _build_model(cfg, device, ckpt)
     train_ds, val_ds = build_datasets(cfg, world_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma)
     amp_dtype = _amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, best_val, best_epoch, stale = 1, math.inf, 0, 0
-    history: list[dict[str, Any]] = []
+    start_epoch, history = 1, []
     if ckpt is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -352,66 +438,38 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
         except (KeyError, ValueError, RuntimeError) as exc:
             raise ValueError(f"checkpoint {cfg.resume} does not fit this run: {exc}") from exc
         start_epoch = int(ckpt["epoch"]) + 1
-        best_val, best_epoch = float(ckpt["best_val_loss"]), int(ckpt["best_epoch"])
-        stale = int(ckpt["epochs_without_improvement"])
         history = list(ckpt["history"])
         set_rng_state(ckpt["rng"])
 
-    # RSEModule.sub2 exists only for checkpoint compatibility and is never called: keep it out of
-    # autograd so that DDP does not wait for its gradients.
-    for module in model.modules():
-        if isinstance(module, RSEModule):
-            module.sub2.requires_grad_(False)
     net: torch.nn.Module = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-
     train_sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=cfg.seed,
                                        drop_last=True)
     val_sampler = DistributedSampler(val_ds, world_size, rank, shuffle=False)
+    writer = CheckpointWriter(out, cfg.keep_checkpoints)
 
-    def loader(ds: Dataset, sampler: DistributedSampler, epoch: int, drop_last: bool):
-        return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler,
-                          num_workers=cfg.workers, worker_init_fn=seed_worker,
-                          generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch),
-                          pin_memory=device.type == "cuda", drop_last=drop_last)
+    def stop_early() -> bool:
+        return cfg.patience > 0 and training_progress(history)[2] >= cfg.patience
 
-    stopped_early = stale >= cfg.patience > 0
-    last_path = out / "last.pt"
-    epoch = start_epoch - 1
+    stopped_early = stop_early()
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped_early:
             break
         t_epoch = time.time()
         _set_epoch(train_ds, epoch)
         train_sampler.set_epoch(epoch)
-        model.train()
-        sums = torch.zeros(4, device=device, dtype=torch.float64)
-        steps = 0
-        batches = loader(train_ds, train_sampler, epoch, True)
+        batches = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler,
+                             num_workers=cfg.workers, worker_init_fn=seed_worker,
+                             generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch),
+                             pin_memory=device.type == "cuda", drop_last=True)
         bar = None
         if is_main and cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                        dynamic_ncols=True)
-        for batch in batches:
-            a, b, dm = (batch[k].to(device, non_blocking=True) for k in ("A", "B", "DM"))
-            ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                   else contextlib.nullcontext())
-            with ctx:
-                d = net(a, b)
-            loss, parts = msidtrans_loss(d, dm)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            sums += torch.stack([parts[k] for k in ("loss", "l1", "dice", "ssim")]).double()
-            steps += 1
-            if bar is not None:
-                bar.update(1)
-                if steps % 10 == 0 or steps == 1:
-                    bar.set_postfix(loss=f"{(sums[0] / steps).item():.4f}")
+        sums, steps = train_one_epoch(net, batches, optimizer, scaler, device, amp_dtype, bar)
         if bar is not None:
             bar.close()
         lr = optimizer.param_groups[0]["lr"]
@@ -421,37 +479,23 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
         train_means = (sums / max(1, steps * world_size)).tolist()
         val_means = evaluate_loss(net, val_ds, val_sampler, cfg.batch_size, device, amp_dtype,
                                   world_size, cfg.workers)
-        improved = val_means[0] < best_val
-        if improved:
-            best_val, best_epoch, stale = val_means[0], epoch, 0
-        else:
-            stale += 1
-        terms = ("loss", "l1", "dice", "ssim")
+        improved = val_means[0] < training_progress(history)[0]
         row = {"epoch": epoch, "lr": lr, "steps": steps,
-               **{f"train_{k}": v for k, v in zip(terms, train_means, strict=True)},
-               **{f"val_{k}": v for k, v in zip(terms, val_means, strict=True)},
+               **{f"train_{k}": v for k, v in zip(LOSS_TERMS, train_means, strict=True)},
+               **{f"val_{k}": v for k, v in zip(LOSS_TERMS, val_means, strict=True)},
                "best": improved, "epoch_seconds": round(time.time() - t_epoch, 3)}
         history.append(row)
-        stopped_early = cfg.patience > 0 and stale >= cfg.patience
+        stopped_early = stop_early()
         if is_main:
-            state = {
+            best_val, best_epoch, stale = training_progress(history)
+            writer.save({
                 "format": CHECKPOINT_FORMAT, "arch": "MSIDTrans",
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "best_val_loss": best_val, "best_epoch": best_epoch,
                 "epochs_without_improvement": stale, "history": history, "rng": rng_state(),
                 "config": dataclasses.asdict(cfg), "world_size": world_size,
-            }
-            path = out / f"checkpoint_epoch_{epoch:03d}.pt"
-            _atomic_save(state, path)
-            shutil.copyfile(path, last_path)
-            if improved:
-                shutil.copyfile(path, out / "best.pt")
-                _atomic_save(model.state_dict(), out / "best_model.pt")
-            if cfg.keep_checkpoints:
-                old = sorted(out.glob("checkpoint_epoch_*.pt"))[:-cfg.keep_checkpoints]
-                for p in old:
-                    p.unlink()
+            }, epoch, improved)
             _write_logs(out, history)
             print(f"epoch {epoch}: train {train_means[0]:.4f} val {val_means[0]:.4f} "
                   f"(l1 {val_means[1]:.4f} dice {val_means[2]:.4f} ssim {val_means[3]:.4f}) "
@@ -464,11 +508,12 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
             break
     if dist.is_initialized():
         dist.barrier()
+    best_val, best_epoch, _ = training_progress(history)
     return TrainResult(best_val_loss=best_val, best_epoch=best_epoch,
                        epochs_run=len(history), stopped_early=stopped_early, history=history,
                        out_dir=str(out), best_model_path=str(out / "best_model.pt"),
-                       last_checkpoint_path=str(last_path), seconds=time.time() - t_start,
-                       model=model)
+                       last_checkpoint_path=str(writer.last_path),
+                       seconds=time.time() - t_start, model=model)
 
 
 @torch.no_grad()
@@ -483,13 +528,11 @@ def evaluate_loss(net: torch.nn.Module, ds: Dataset, sampler: DistributedSampler
                     worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(0))
     for batch in dl:
         a, b, dm = (batch[k].to(device) for k in ("A", "B", "DM"))
-        ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-               else contextlib.nullcontext())
-        with ctx:
+        with _autocast(device, amp_dtype):
             d = net(a, b)
         _, parts = msidtrans_loss(d, dm)
         n = a.shape[0]
-        sums += torch.stack([parts[k] * n for k in ("loss", "l1", "dice", "ssim")]
+        sums += torch.stack([parts[k] * n for k in LOSS_TERMS]
                             + [torch.tensor(float(n), device=device)]).double()
     if world_size > 1:
         dist.all_reduce(sums)
@@ -523,51 +566,69 @@ def build_parser() -> argparse.ArgumentParser:
                     "<= 200 epochs, early stopping after 6). Multi-GPU: "
                     "torchrun --nproc_per_node N "
                     "-m msidtrans_fast.training ...")
-    p.add_argument("--out", dest="out_dir", default=d.out_dir, help="output folder (checkpoints, "
-                   f"logs; default {d.out_dir})")
+    p.add_argument("--out", dest="out_dir", default=d.out_dir, metavar="DIR",
+                   help="output folder for checkpoints and logs (default: %(default)s)")
     p.add_argument("--data", action="append", default=[], metavar="ROOT",
                    help="root in the original layout (ROOT/train and ROOT/validate, each with "
                         "sourceA, sourceB, groundtruth, decisionmap); repeatable")
     p.add_argument("--sharp", action="append", default=[], metavar="FOLDER",
                    help="folder of sharp photos for the synthetic pair generator; repeatable")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor per epoch")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="most epochs to train (default: %(default)s, as the original)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="batch size per process (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--lr-gamma", type=float, default=d.lr_gamma,
+                   help="StepLR factor applied to the learning rate after every epoch "
+                        "(default: %(default)s)")
     p.add_argument("--patience", type=int, default=d.patience,
-                   help="early stopping: epochs without a better validation loss (0: never)")
-    p.add_argument("--crop", type=int, default=d.crop, help="training crop size (square)")
+                   help="early stopping: epochs without a better validation loss (0: never; "
+                        "default: %(default)s)")
+    p.add_argument("--crop", type=int, default=d.crop,
+                   help="training crop size in pixels, square (default: %(default)s)")
     p.add_argument("--resize", type=int, default=d.resize,
-                   help="resize before cropping, original layout only")
+                   help="resize before cropping, original layout only (default: %(default)s)")
     p.add_argument("--epoch-length", type=int, default=d.epoch_length,
-                   help="steps per epoch of the synthetic generator")
+                   help="steps per epoch of the synthetic generator (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="share of the sharp photos kept for validation (fixed, seeded split)")
+                   help="share of the sharp photos kept for validation (fixed, seeded split; "
+                        "default: %(default)s)")
     p.add_argument("--val-pairs", type=int, default=d.val_pairs,
-                   help="synthetic validation pairs (fixed)")
+                   help="synthetic validation pairs (fixed; default: %(default)s)")
     p.add_argument("--gray-prob", type=float, default=d.gray_prob,
-                   help="share of grayscale synthetic training pairs (validation stays colour)")
+                   help="share of grayscale synthetic training pairs, validation stays colour "
+                        "(default: %(default)s)")
     p.add_argument("--camera-prob", type=float, default=d.camera_prob,
                    help="share of synthetic training pairs given sensor noise, 8-bit rounding and "
-                        "JPEG compression in both sources (validation stays clean)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
+                        "JPEG compression in both sources, validation stays clean "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the weights' initialisation, the data and the split "
+                        "(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="DataLoader worker processes (default: %(default)s)")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=d.amp,
                    help="mixed precision; auto: bf16 on CUDA GPUs that support it, fp16 with a "
-                        "gradient scaler on other GPUs, off on the CPU")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+                        "gradient scaler on other GPUs, off on the CPU (default: %(default)s)")
+    p.add_argument("--device", default=d.device,
+                   help="auto, cpu, cuda or cuda:N (default: %(default)s: CUDA if available)")
     p.add_argument("--backend", default=d.backend,
-                   help=f"one of {backends.available_backends()} (default auto)")
+                   help=f"one of {backends.available_backends()} (default: %(default)s)")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue a run from a training checkpoint (bit-exact)")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start from these weights (state_dict or checkpoint), fresh optimiser")
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
-                   help="keep only the newest N per-epoch checkpoints (0: keep all)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="N",
+                   help="keep only the newest N per-epoch checkpoints (0: keep all; "
+                        "default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="stop after the first epoch that ends past this many seconds")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+                   help="stop after the first epoch that ends past this many seconds "
+                        "(default: no limit)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     return p

@@ -1,8 +1,8 @@
 """The "triton" backend: fused Triton kernels for every Transformer attention layer.
 
 Importing this module registers the backend with :mod:`msidtrans_fast.backends` (``"auto"`` picks
-it for CUDA tensors; on the CPU ``"auto"`` stays ``"reference"``) and installs
-``modules.ATTENTION_IMPLS["triton"]``, which replaces ``AttentionPreNorm``'s
+it for CUDA tensors; on the CPU ``"auto"`` stays ``"reference"``) with its attention implementation
+``backends.ATTENTION_IMPLS["triton"]``, which replaces ``AttentionPreNorm``'s
 ``fn(cLN(x), perm)`` (before the residual add) by the fused path:
 
     cLN + three-scale token embedding  ->  q (b, 3, d, N), k/v (b, 3, d, Nk)   (embedding.py)
@@ -31,8 +31,12 @@ NAME = "triton"
 
 def _interpreted() -> bool:
     """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET at import)."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_attention_kernels._msa_fwd_kernel, InterpretedFunction)
+    kernel = _attention_kernels._msa_fwd_kernel
+    while isinstance(kernel, Autotuner):
+        kernel = kernel.fn
+    return isinstance(kernel, InterpretedFunction)
 
 
 def can_run(device: torch.device) -> str | None:
@@ -70,5 +74,4 @@ def attention_block(block: modules.AttentionPreNorm, x: torch.Tensor, perm) -> t
     return attn.to_out(out)
 
 
-backends.register_backend(NAME, can_run, {"cuda": 10})
-modules.ATTENTION_IMPLS[NAME] = attention_block
+backends.register_backend(NAME, can_run, {"cuda": 10}, attention=attention_block)

@@ -9,8 +9,11 @@ are reproducible) and warns with :class:`UntrainedWeightsWarning`: its fusions a
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,31 +87,67 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[name]
 
 
+def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuses float16 on the CPU: PyTorch's CPU kernels run it far slower than float32 and
+    with more memory, the opposite of what the dtype is chosen for. bfloat16 has fast CPU kernels
+    (AVX512-BF16/AMX) and float32 is the reference.
+
+    Raises:
+        ValueError: float16 on a CPU device (the message says what to use instead).
+    """
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ValueError("float16 is not supported on the CPU (it runs far slower than float32 "
+                         "there and needs more memory): use bfloat16 or float32")
+
+
 _NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
                   type(np.dtype(np.uint32))]
+
+
+def read_checkpoint(path: str | os.PathLike, what: str = "weights file") -> Any:
+    """Reads a PyTorch checkpoint file safely: the one loader of every tool.
+
+    The file is read with ``weights_only=True``: only tensors, numbers, strings and containers
+    (and NumPy's RNG state arrays, which training checkpoints hold) are accepted, so no code from
+    the file runs. Tensors stay on the CPU in their stored dtype. ``what`` names the file in
+    messages ("weights file", "checkpoint").
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a PyTorch checkpoint, or holds other Python objects (which
+            are refused, not loaded).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise ValueError(f"cannot read {what} {path}: it holds a Python object "
+                             f"({found[1]}) besides tensors and plain data; such files are "
+                             f"refused because loading them could run code") from None
+        raise ValueError(f"cannot read {what} {path}: not a PyTorch checkpoint (damaged, or "
+                         f"another kind of file)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except Exception:  # zip and torch errors: not a checkpoint we can read
+        raise ValueError(f"cannot read {what} {path}: not a PyTorch checkpoint (damaged, or "
+                         f"another kind of file)") from None
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Reads a checkpoint: a plain state_dict (as the original saves it) or a dict with a
     ``"model"`` entry holding one (as ``msidtrans-train`` saves it, with optimizer and RNG states
-    beside it). Tensors stay on the CPU in their stored dtype. The file is read with
-    ``weights_only=True`` (no code from it runs).
+    beside it), through :func:`read_checkpoint`. Tensors stay on the CPU in their stored dtype.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is not a readable PyTorch checkpoint or holds no state_dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        # weights_only: no code runs from the file. Training checkpoints also hold numpy RNG
-        # states, so numpy's plain array reconstruction is allowed too.
-        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
-        raise ValueError(f"cannot read weights file {path}: not a PyTorch checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    obj = read_checkpoint(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(
@@ -132,7 +171,8 @@ def load_model(weights: str | os.PathLike | None = None, device: str | torch.dev
         weights: a checkpoint path (see :func:`load_state_dict`), loaded with ``strict=True``;
             ``None`` uses the bundled weights, or an untrained model (with an
             :class:`UntrainedWeightsWarning`) when that file is missing.
-        device: see :func:`resolve_device`. dtype: see :func:`resolve_dtype`.
+        device: see :func:`resolve_device`. dtype: see :func:`resolve_dtype` (float16 only on
+            CUDA, see :func:`check_dtype_on_device`).
 
     Raises:
         FileNotFoundError, ValueError: missing or unreadable file, a checkpoint of another
@@ -140,6 +180,7 @@ def load_model(weights: str | os.PathLike | None = None, device: str | torch.dev
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
+    check_dtype_on_device(dt, dev)
     model = _untrained_model()
     path = Path(weights) if weights is not None else BUNDLED_WEIGHTS
     if weights is None and not BUNDLED_WEIGHTS.is_file():

@@ -1,7 +1,10 @@
 """Shared test configuration.
 
 Triton kernels run through Triton's interpreter on machines without a CUDA GPU; the variable must be
-set before triton is first imported, hence here.
+set before triton is first imported, hence here. TRITON_INTERPRET is read once per process, so a
+process runs the kernels either compiled on CUDA tensors or interpreted on CPU tensors: the
+``kernel_device`` fixture gives the kernel tests that device, so the same assertions run compiled
+on a GPU machine and in the interpreter elsewhere.
 """
 
 import os
@@ -17,6 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
 TESTS_DIR = Path(__file__).resolve().parent
 
+#: Where the Triton kernels run in this process: "cpu" (interpreter) or "cuda" (compiled).
+KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+
 
 def shared_path(*parts: str) -> Path:
     """A path under ``../shared``; skips the calling test when it is absent."""
@@ -27,3 +33,14 @@ def shared_path(*parts: str) -> Path:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def kernel_device(monkeypatch) -> torch.device:
+    """The device of the Triton kernel tests' tensors (see the module docstring). On CUDA, TF32
+    is switched off for the test so that fp32 references (convolutions, matmuls) stay fp32."""
+    if KERNEL_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("TRITON_INTERPRET is off and there is no CUDA GPU: the kernels cannot run")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return torch.device(KERNEL_DEVICE)

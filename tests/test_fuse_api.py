@@ -62,7 +62,7 @@ def contrast_model(contrast_weights):
 
 
 def by_hand(model, a, b, threshold):
-    """SPEC "Fusing" steps written out: returns (fused float64 array, binary D)."""
+    """docs/design.md "Fusing" steps written out: returns (fused float64 array, binary D)."""
     def net_input(x):
         x = x.astype(np.float64) / np.iinfo(x.dtype).max
         if x.ndim == 2:

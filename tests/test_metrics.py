@@ -288,3 +288,70 @@ def test_bad_inputs():
         m.ssim(a[:10], a[:10])
     with pytest.raises(ValueError, match="empty"):
         m.psnr(a[:0], a[:0])
+
+
+# ------------------------------------------------------------------------------- blotch measure
+def exposure_pair(h=64, w=96, offset=4.0, seed=3):
+    """(A, B): a flat grey backdrop (B brighter by ``offset``, as after an exposure change) with a
+    textured block at the top left, sharp in A and defocused in B."""
+    a = np.full((h, w), 100.0)
+    a[4:28, 4:28] = 60 + textured(24, 24, seed) * 0.5
+    b = a + offset
+    b[4:28, 4:28] = ndimage.gaussian_filter(a, 2.0)[4:28, 4:28] + offset
+    return a, b
+
+
+def test_blotch_switch_inside_flat_region_scores_worse_than_none():
+    a, b = exposure_pair()
+    clean = a.copy()
+    blotched = a.copy()
+    blotched[40:52, 50:66] = b[40:52, 50:66]  # a patch of the brighter source on the backdrop
+    assert m.blotch(a, b, clean) == 0.0
+    assert m.blotch(a, b, b) == 0.0  # all from one source: no switch either
+    score = m.blotch(a, b, blotched)
+    assert score > 1.0
+    switch, flat = m.switch_map(a, b, blotched)
+    assert flat[40:52, 50:66].all() and not flat[10:20, 10:20].any()
+    assert switch[38:54, 48:68].sum() == switch.sum() > 0  # only around the patch
+    # two patches of the same area have more seam than one
+    two = a.copy()
+    two[40:52, 50:58] = b[40:52, 50:58]
+    two[40:52, 80:88] = b[40:52, 80:88]
+    assert m.blotch(a, b, two) > score
+
+
+def test_blotch_switch_along_an_edge_does_not_count():
+    h, w = 64, 128
+    a = np.full((h, w), 60.0)
+    a[:, w // 2:] = 190.0  # a strong vertical edge; flat on both sides
+    b = a + 5.0
+    f = np.where(np.arange(w) < w // 2, a, b)  # switches source exactly at the edge
+    switch, flat = m.switch_map(a, b, f)
+    assert flat[:, :w // 2 - 12].all() and not flat[:, w // 2 - 3:w // 2 + 3].any()
+    assert m.blotch(a, b, f) == 0.0
+    # the same switch moved 25 pixels into the flat left side counts
+    g = np.where(np.arange(w) < w // 2 - 25, a, b)
+    assert m.blotch(a, b, g) > 0.0
+
+
+def test_blotch_ignores_switches_between_equal_sources_and_mixes():
+    a, b = exposure_pair(offset=0.0)
+    f = a.copy()
+    f[40:52, 50:66] = b[40:52, 50:66]
+    assert m.blotch(a, b, f) == 0.0  # equal brightness: the switch is invisible
+    a, b = exposure_pair(offset=0.5)  # below the smallest step
+    assert m.blotch(a, b, np.where(np.arange(96) < 70, a, b)) == 0.0
+    a, b = exposure_pair()
+    assert m.blotch(a, b, (a + b) / 2) == 0.0  # an even mix takes neither source
+
+
+def test_blotch_colour_scale_and_shapes():
+    a, b = exposure_pair()
+    f = a.copy()
+    f[40:52, 50:66] = b[40:52, 50:66]
+    rgb = [np.repeat(x[..., None], 3, -1) for x in (a, b, f)]
+    assert m.blotch(*rgb) == m.blotch(a, b, f)
+    assert m.fusion_metrics(a, b, f)["Blotch"] == m.blotch(a, b, f)
+    assert m.blotch(a[:1, :5], b[:1, :5], f[:1, :5]) == 0.0  # tiny images work
+    with pytest.raises(ValueError):
+        m.blotch(a, b, f[:10])

@@ -172,7 +172,7 @@ def test_detached_wavelet_reproduces_the_original_frozen_encoders():
     A, B = _pair(2, 20, 26)
     model(A, B).mean().backward()
     frozen = {n for n, p in model.named_parameters() if p.grad is None}
-    assert len(frozen) == 92  # SPEC: 92 of the 294 parameter tensors never learn in the original
+    assert len(frozen) == 92  # docs/design.md: 92 of the 294 tensors never learn in the original
     assert {n.split(".")[0] for n in frozen} == {
         "Encoder1", "Encoder2_high", "Encoder2_low", "Encoder3_high", "Encoder3_low",
         "down1", "down2"}

@@ -1,13 +1,12 @@
 """ops.haar_split (compiled and fallback) against PyWavelets, its gradient, and the model."""
 
-import copy
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from msidtrans_fast import modules, ops, reference
+from msidtrans_fast import ops, reference
 from tests.conftest import requires_cuda
 
 pywt = pytest.importorskip("pywt")
@@ -122,20 +121,28 @@ def test_input_validation():
         ops.haar_split(torch.zeros(1, 1, 0, 4))
 
 
-def test_module_uses_compiled_split_unless_reference(monkeypatch):
+def test_model_calls_the_compiled_split_on_the_cpu_under_auto(monkeypatch):
+    needs_compiled_cpu()
+    from msidtrans_fast import MSIDTrans
+
+    assert ops.compiled()["haar_split"]["cpu"]
     calls = []
-    monkeypatch.setattr(ops, "haar_split", lambda x: calls.append(x) or reference.haar_split(x))
-    split = modules.HaarSplit()
-    x = torch.randn(1, 2, 6, 6)
-    split.backend = "reference"
-    split(x)
+    compiled = ops._C.haar_split_forward
+    monkeypatch.setattr(ops._C, "haar_split_forward",
+                        lambda x: calls.append(tuple(x.shape)) or compiled(x))
+    model = MSIDTrans().eval()  # backend "auto": "reference" attention on the CPU
+    assert model.backend == "reference"
+    a = torch.rand(1, 3, 20, 24) * 2 - 1
+    with torch.no_grad():
+        model(a, a)
+    assert len(calls) == 5  # Encoder1 (A and B as one batch) and the four encoder trunks
+    calls.clear()
+    with ops.pytorch_fallback(), torch.no_grad():
+        model(a, a)
     assert not calls
-    split.backend = "anything-else"
-    split(x)
-    assert len(calls) == 1
 
 
-def test_model_with_compiled_split_matches_reference():
+def test_model_with_compiled_split_matches_the_pytorch_fallback():
     needs_compiled_cpu()
     from msidtrans_fast import MSIDTrans
 
@@ -143,33 +150,16 @@ def test_model_with_compiled_split_matches_reference():
     model = MSIDTrans(backend="reference").eval()
     a = torch.rand(1, 3, 35, 42) * 2 - 1
     b = torch.rand(1, 3, 35, 42) * 2 - 1
-
-    class Forced(torch.nn.Module):
-        """Run the HaarSplit modules on the compiled op whatever backend the model resolves."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return ops.haar_split(x.detach() if self.inner.detach else x)
-
-    forced = copy.deepcopy(model)
-    count = 0
-    for parent in list(forced.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, modules.HaarSplit):
-                setattr(parent, name, Forced(child))
-                count += 1
-    assert count > 0
     a.requires_grad_(True)
+    with ops.pytorch_fallback():
+        with torch.no_grad():
+            want = model(a, b)
+        (g_want,) = torch.autograd.grad(model(a, b).sum(), a)
     with torch.no_grad():
-        want = model(a, b)
-        got = forced(a, b)
+        got = model(a, b)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    # gradients reach the input through the compiled split as through the reference one
-    (g_want,) = torch.autograd.grad(model(a, b).sum(), a)
-    (g_got,) = torch.autograd.grad(forced(a, b).sum(), a)
+    # gradients reach the input through the compiled split as through the fallback
+    (g_got,) = torch.autograd.grad(model(a, b).sum(), a)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
 
 
@@ -190,6 +180,44 @@ def test_fallback_warns_once(monkeypatch):
     assert len(messages) == 1, messages
     assert "msidtrans_fast._C" in messages[0]
     assert "pip install --no-build-isolation -e ." in messages[0]
+    assert torch.equal(low, reference.haar_split(x)[0])
+
+
+class _CpuOnlyExtension:
+    """Stands in for an ``_C`` built without CUDA."""
+
+    @staticmethod
+    def has_cuda() -> bool:
+        return False
+
+
+def test_cuda_fallback_warns_once(monkeypatch):
+    """An extension built without CUDA: the first CUDA tensor that takes a fallback warns, once;
+    CPU tensors never do."""
+    monkeypatch.setattr(ops, "_C", _CpuOnlyExtension())
+    monkeypatch.setattr(ops, "_warned_cuda", False)
+    assert ops.compiled()["haar_split"] == {"cpu": True, "cuda": False}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ops._warn_no_cuda(torch.device("cpu"))
+        for _ in range(3):
+            ops._warn_no_cuda(torch.device("cuda", 0))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "built without its CUDA kernels" in messages[0] and "FORCE_CUDA=1" in messages[0]
+
+
+@requires_cuda
+def test_cuda_tensors_on_a_cpu_only_extension_warn(monkeypatch):
+    """The same through the public ops, with real CUDA tensors."""
+    monkeypatch.setattr(ops, "_C", _CpuOnlyExtension())
+    monkeypatch.setattr(ops, "_warned_cuda", False)
+    x = torch.randn(1, 2, 5, 4, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        low, _ = ops.haar_split(x)
+        ops.remove_small_regions(torch.zeros(1, 1, 3, 3, dtype=torch.bool, device="cuda"), 2)
+    assert len(caught) == 1 and "built without its CUDA kernels" in str(caught[0].message)
     assert torch.equal(low, reference.haar_split(x)[0])
 
 

@@ -4,37 +4,34 @@ The .cu kernels include no torch headers, so nvcc compiles them on their own. Th
 the per-op .cpp files (under WITH_CUDA) need torch's c10/cuda headers: they are syntax-checked with
 the host compiler; a CPU build of torch lacks one generated header (c10/cuda/impl/
 cuda_cmake_macros.h, which only holds build macros), so an empty stand-in is supplied when absent.
-Runs where nvcc is on PATH; skips otherwise.
+The toolkit is the one setup.py would use (build_config.find_toolkit), and the C++ standard and
+ABI flags are those of the installed torch's own extension build (build_config.torch_cxx_flags).
+Runs where a CUDA toolkit is found; skips otherwise.
 """
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from test_build_config import bc
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
-NVCC = shutil.which("nvcc")
+TOOLKIT, PROBLEM = bc.find_toolkit()
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+pytestmark = pytest.mark.skipif(TOOLKIT is None, reason=f"no usable CUDA toolkit: {PROBLEM}")
 
 
-def cuda_include_dir() -> Path:
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    if NVCC is not None:
-        candidates.append(str(Path(NVCC).resolve().parent.parent))
-    for root in filter(None, candidates):
-        if (Path(root) / "include" / "cuda_runtime_api.h").exists():
-            return Path(root) / "include"
-    pytest.skip("CUDA headers (include/cuda_runtime_api.h) not found; set CUDA_HOME")
+def torch_flags() -> list[str]:
+    return bc.torch_cxx_flags(pytest.importorskip("torch.utils.cpp_extension"))
 
 
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
 def test_cu_source_compiles_standalone(source, tmp_path):
     arch = os.environ.get("MSID_TEST_CUDA_ARCH", "sm_90")
-    cmd = [NVCC, "-std=c++17", "-O3", f"-arch={arch}", "--Werror", "all-warnings",
+    std = torch_flags()[0]
+    cmd = [TOOLKIT.nvcc, std, "-O3", f"-arch={arch}", "--Werror", "all-warnings",
            "-I", str(CSRC), "-c", str(CSRC / source), "-o", str(tmp_path / "out.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
@@ -53,7 +50,7 @@ def test_cuda_dispatch_code_compiles(source, tmp_path):
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
         includes.append(f"-I{tmp_path / 'stub'}")
     cxx = os.environ.get("CXX", "c++")
-    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DWITH_CUDA", *includes,
-           f"-I{cuda_include_dir()}", f"-I{CSRC}", str(CSRC / source)]
+    cmd = [cxx, *torch_flags(), "-fsyntax-only", "-DWITH_CUDA", *includes,
+           f"-I{Path(TOOLKIT.home) / 'include'}", f"-I{CSRC}", str(CSRC / source)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"

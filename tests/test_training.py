@@ -315,9 +315,11 @@ def test_early_stopping_and_checkpoint_errors(sharp_dir, tmp_path, capsys):
                           "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["epochs_run"] == 1 and summary["best_epoch"] == 1
-    # Make the best validation loss unbeatable: the run must stop `patience` epochs later.
+    # Make the best validation loss unbeatable: the run must stop `patience` epochs later. The best
+    # epoch and the early-stopping count come from the history, not from separate entries.
     ckpt = torch.load(tmp_path / "es" / "last.pt", weights_only=False)
-    ckpt["best_val_loss"] = -1.0
+    ckpt["history"][-1]["val_loss"] = -1.0
+    ckpt["best_val_loss"] = 99.0
     torch.save(ckpt, tmp_path / "unbeatable.pt")
     res = training.train(_tiny_config(sharp_dir, tmp_path / "es2", epochs=6, patience=2,
                                       keep_checkpoints=1, resume=str(tmp_path / "unbeatable.pt")))

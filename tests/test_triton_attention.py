@@ -1,13 +1,16 @@
 """Fused multi-scale attention (``msidtrans_fast.attention``) against the reference ops.
 
-On a machine without CUDA the kernels run in Triton's interpreter (see conftest.py); shapes are
-small and odd: head sizes 32, 48, 64; N below one 64-token block and not a multiple of it;
-Nq != Nk (kv stride 2); batch 2; all six permutations; non-contiguous inputs.
+The tests take their device from the ``kernel_device`` fixture: compiled on CUDA tensors on a GPU
+machine, Triton's interpreter on CPU tensors elsewhere (see conftest.py). References run in
+float64. Shapes are small and odd: head sizes 32, 48, 64; N below one block, a multiple of the
+blocks, and with a partial last block; Nq != Nk (kv stride 2); batch 2; all six permutations;
+non-contiguous and token-padded inputs.
 """
 
 from __future__ import annotations
 
 import itertools
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from tolerances import FP32_FWD_REL, FP32_GRAD_REL, GRADCHECK, LOWP_FACTOR, LOWP
 from msidtrans_fast import reference
 
 triton = pytest.importorskip("triton")
+from msidtrans_fast.kernels import msa_attention as kernels  # noqa: E402
+
 from msidtrans_fast.attention import msa_attention  # noqa: E402
 
 PERMS = list(itertools.permutations(range(3)))
@@ -32,49 +37,103 @@ def _inputs(b, d, h, w, kv_stride, dtype=torch.float32, device="cpu", seed=0):
     return q, kv[:, :, :d], kv[:, :, d:]
 
 
-def _reference(q, k, v, perm, hw):
+def _reference(q, k, v, perm, hw, upcast=True):
+    """The reference ops, in float64 unless ``upcast`` is False (differentiable back to q, k, v
+    in their own dtype)."""
+    if upcast:
+        q, k, v = (t.double() for t in (q, k, v))
     split = [lambda t, i=i: t[:, i].transpose(1, 2) for i in range(3)]
     return reference.multi_scale_attention([f(q) for f in split], [f(k) for f in split],
                                            [f(v) for f in split], perm, hw)
 
 
-# (batch, head size, H, W, kv stride): N = 35 < one block; N = 143, Nk = 42; N = 90.
-CASES = [(2, 48, 5, 7, 1), (1, 32, 13, 11, 2), (2, 64, 9, 10, 1), (1, 48, 3, 3, 2)]
+# (batch, head size, H, W, kv stride): N = 35 < one block; N = 143, Nk = 42; N = 90; N = Nk = 64,
+# whole blocks only (no partial last block).
+CASES = [(2, 48, 5, 7, 1), (1, 32, 13, 11, 2), (2, 64, 9, 10, 1), (1, 48, 3, 3, 2),
+         (1, 32, 8, 8, 1)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-d{}-{}x{}-s{}".format(*c))
-def test_forward_and_gradients_fp32(case):
+def test_forward_and_gradients_fp32(case, kernel_device):
     b, d, h, w, s = case
-    q, k, v = (t.requires_grad_() for t in (t.clone() for t in _inputs(b, d, h, w, s)))
+    q, k, v = (t.requires_grad_() for t in
+               (t.clone() for t in _inputs(b, d, h, w, s, device=kernel_device)))
     perm = (2, 0, 1)
     out = msa_attention(q, k, v, perm, (h, w))
     ref = _reference(q, k, v, perm, (h, w))
     assert out.shape == (b, 3 * d, h, w) and out.is_contiguous()
     assert rel_err(out, ref) <= FP32_FWD_REL
-    grad = torch.randn_like(ref)
+    grad = torch.randn_like(out)
     ours = torch.autograd.grad(out, (q, k, v), grad)
-    theirs = torch.autograd.grad(ref, (q, k, v), grad)
+    theirs = torch.autograd.grad(ref, (q, k, v), grad.double())
     for name, a, r in zip("qkv", ours, theirs, strict=True):
         assert rel_err(a, r) <= FP32_GRAD_REL, name
 
 
-@pytest.mark.parametrize("perm", PERMS, ids=str)
-def test_every_permutation(perm):
-    b, d, h, w, s = 2, 32, 7, 5, 2
-    q, k, v = (t.requires_grad_() for t in (t.clone() for t in _inputs(b, d, h, w, s, seed=1)))
+def _pad_tokens(t, align=kernels.TOKEN_ALIGN):
+    """The producer's layout: (..., N) as a view of a zero-padded (..., N') buffer."""
+    return torch.nn.functional.pad(t, (0, -t.shape[-1] % align))[..., :t.shape[-1]]
+
+
+@pytest.mark.parametrize("case", [(2, 48, 5, 7, 1), (1, 32, 13, 11, 2), (1, 64, 8, 8, 1)],
+                         ids=lambda c: "b{}-d{}-{}x{}-s{}".format(*c))
+def test_token_padded_inputs(case, kernel_device):
+    """q/k/v as the embedding produces them: token axis padded to a multiple of 16, so every
+    other stride is 16-aligned (the vectorised specialisation on a GPU)."""
+    b, d, h, w, s = case
+    q, k, v = _inputs(b, d, h, w, s, device=kernel_device, seed=5)
+    q = _pad_tokens(q).requires_grad_()
+    kv = _pad_tokens(torch.cat([k, v], 2)).requires_grad_()
+    k, v = kv[:, :, :d], kv[:, :, d:]
+    assert all(st % 16 == 0 for t in (q, k, v) for st in t.stride()[:3])
+    perm = (1, 0, 2)
     out = msa_attention(q, k, v, perm, (h, w))
     ref = _reference(q, k, v, perm, (h, w))
     assert rel_err(out, ref) <= FP32_FWD_REL
-    grad = torch.randn_like(ref)
-    for a, r in zip(torch.autograd.grad(out, (q, k, v), grad),
-                    torch.autograd.grad(ref, (q, k, v), grad), strict=True):
+    grad = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, kv), grad),
+                    torch.autograd.grad(ref, (q, kv), grad.double()), strict=True):
         assert rel_err(a, r) <= FP32_GRAD_REL
 
 
-def test_groups_are_independent_and_images_too():
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-d{}-{}x{}-s{}".format(*c))
+def test_split_tail_loops_fp32(case, kernel_device, monkeypatch):
+    """The 16-bit loop structure (unmasked full blocks, then the masked partial block) forced on
+    fp32, so that the interpreter checks it too: whole blocks only, a partial block only, both."""
+    consts = kernels._consts
+    monkeypatch.setattr(kernels, "_consts", lambda *a: {**consts(*a), "SPLIT_TAIL": True})
+    b, d, h, w, s = case
+    q, k, v = _inputs(b, d, h, w, s, device=kernel_device, seed=8)
+    q = _pad_tokens(q).requires_grad_()
+    kv = _pad_tokens(torch.cat([k, v], 2)).requires_grad_()
+    k, v = kv[:, :, :d], kv[:, :, d:]
+    out = msa_attention(q, k, v, (2, 1, 0), (h, w))
+    ref = _reference(q, k, v, (2, 1, 0), (h, w))
+    assert rel_err(out, ref) <= FP32_FWD_REL
+    grad = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, kv), grad),
+                    torch.autograd.grad(ref, (q, kv), grad.double()), strict=True):
+        assert rel_err(a, r) <= FP32_GRAD_REL
+
+
+@pytest.mark.parametrize("perm", PERMS, ids=str)
+def test_every_permutation(perm, kernel_device):
+    b, d, h, w, s = 2, 32, 7, 5, 2
+    q, k, v = (t.requires_grad_() for t in
+               (t.clone() for t in _inputs(b, d, h, w, s, device=kernel_device, seed=1)))
+    out = msa_attention(q, k, v, perm, (h, w))
+    ref = _reference(q, k, v, perm, (h, w))
+    assert rel_err(out, ref) <= FP32_FWD_REL
+    grad = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad.double()), strict=True):
+        assert rel_err(a, r) <= FP32_GRAD_REL
+
+
+def test_groups_are_independent_and_images_too(kernel_device):
     """Changing image 1 or key scale 0 leaves image 0 / groups 1 and 2 untouched."""
     b, d, h, w, perm = 2, 32, 4, 5, (1, 2, 0)
-    q, k, v = _inputs(b, d, h, w, 1, seed=2)
+    q, k, v = _inputs(b, d, h, w, 1, device=kernel_device, seed=2)
     out = msa_attention(q, k, v, perm, (h, w))
     k2 = k.clone()
     k2[1] += 1.0
@@ -86,34 +145,34 @@ def test_groups_are_independent_and_images_too():
 
 
 @pytest.mark.parametrize("d, h, w, s, b", [(48, 4, 5, 1, 2), (32, 5, 3, 2, 1), (64, 3, 4, 1, 1)])
-def test_gradcheck_float64(d, h, w, s, b):
-    q, k, v = (t.requires_grad_() for t in (t.clone() for t in
-                                             _inputs(b, d, h, w, s, dtype=torch.float64)))
+def test_gradcheck_float64(d, h, w, s, b, kernel_device):
+    q, k, v = (t.requires_grad_() for t in (t.clone() for t in _inputs(
+        b, d, h, w, s, dtype=torch.float64, device=kernel_device)))
     assert torch.autograd.gradcheck(lambda q_, k_, v_: msa_attention(q_, k_, v_, (1, 2, 0), (h, w)),
                                     (q, k, v), fast_mode=True, **GRADCHECK)
 
 
-def test_non_contiguous_inputs_and_grad_output():
+def test_non_contiguous_inputs_and_grad_output(kernel_device):
     """Token-major q (a transposed view), k/v slices of one tensor, a strided grad_output."""
     b, d, h, w, perm = 2, 48, 6, 5, (0, 2, 1)
     gen = torch.Generator().manual_seed(3)
-    q_tok = torch.randn(b, 3, h * w, d, generator=gen, requires_grad=True)
+    q_tok = torch.randn(b, 3, h * w, d, generator=gen).to(kernel_device).requires_grad_()
     kv = torch.randn(b, 3, 2 * d, 7, 9, generator=gen)[..., ::2, ::2].flatten(-2)  # (.., 16)
-    kv.requires_grad_()
+    kv = kv.to(kernel_device).requires_grad_()
     q, k, v = q_tok.transpose(2, 3), kv[:, :, :d], kv[:, :, d:]
     assert not (q.is_contiguous() or k.is_contiguous())
     out = msa_attention(q, k, v, perm, (h, w))
     ref = _reference(q, k, v, perm, (h, w))
     assert rel_err(out, ref) <= FP32_FWD_REL
-    grad = torch.randn(b, 3 * d, w, h, generator=gen).transpose(2, 3)
+    grad = torch.randn(b, 3 * d, w, h, generator=gen).to(kernel_device).transpose(2, 3)
     ours = torch.autograd.grad(out, (q_tok, kv), grad)
-    theirs = torch.autograd.grad(ref, (q_tok, kv), grad)
+    theirs = torch.autograd.grad(ref, (q_tok, kv), grad.double())
     for a, r in zip(ours, theirs, strict=True):
         assert rel_err(a, r) <= FP32_GRAD_REL
 
 
-def test_no_grad_inputs_save_nothing():
-    q, k, v = _inputs(1, 32, 3, 3, 1)
+def test_no_grad_inputs_save_nothing(kernel_device):
+    q, k, v = _inputs(1, 32, 3, 3, 1, device=kernel_device)
     out = msa_attention(q, k, v, (0, 1, 2), (3, 3))
     assert out.grad_fn is None
 
@@ -139,15 +198,20 @@ def test_bad_inputs_raise(bad, exc, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [(2, 64, 33, 33, 1), (1, 48, 65, 65, 1), (2, 32, 130, 129, 2)])
-def test_low_precision_gpu(dtype, case):
-    """fp16/bf16 against the fp32 reference, within twice PyTorch's own error in that dtype."""
+@pytest.mark.parametrize("padded", [False, True], ids=["contiguous", "token-padded"])
+def test_low_precision_gpu(dtype, case, padded):
+    """fp16/bf16 against the float64 reference, within twice PyTorch's own error in that dtype
+    (plus a floor), in both layouts: contiguous and token-padded (the vectorised fast path)."""
     b, d, h, w, s = case
     q32, k32, v32 = (t.requires_grad_() for t in
                      (t.clone() for t in _inputs(b, d, h, w, s, device="cuda")))
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q32, k32, v32))
+    q, k, v = (t.detach().to(dtype) for t in (q32, k32, v32))
+    if padded:
+        q, k, v = (_pad_tokens(t) for t in (q, k, v))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     perm = (1, 2, 0)
     ref = _reference(q32, k32, v32, perm, (h, w))
-    torch_lowp = _reference(q, k, v, perm, (h, w))
+    torch_lowp = _reference(q, k, v, perm, (h, w), upcast=False)
     out = msa_attention(q, k, v, perm, (h, w))
     floor = LOWP_FLOOR[dtype]
     bound = LOWP_FACTOR * (torch_lowp.float() - ref).abs().max().item() + floor
@@ -155,7 +219,8 @@ def test_low_precision_gpu(dtype, case):
     grad = torch.randn_like(ref)
     for a, p, r in zip(torch.autograd.grad(out, (q, k, v), grad.to(dtype)),
                        torch.autograd.grad(torch_lowp, (q, k, v), grad.to(dtype)),
-                       torch.autograd.grad(ref, (q32, k32, v32), grad), strict=True):
+                       torch.autograd.grad(ref, (q32, k32, v32), grad.double()),
+                       strict=True):
         bound = LOWP_FACTOR * (p.float() - r).abs().max().item() + floor
         assert (a.float() - r).abs().max().item() <= bound
 
@@ -176,9 +241,9 @@ def test_deterministic_gpu():
         assert all(torch.equal(a, r) for a, r in zip(result, first, strict=True))
 
 
-def test_custom_ops_opcheck():
+def test_custom_ops_opcheck(kernel_device):
     """The launchers' torch.library ops: schema, fake kernels (shapes, strides), tracing."""
-    q, k, v = _inputs(2, 48, 5, 7, 2)
+    q, k, v = _inputs(2, 48, 5, 7, 2, device=kernel_device)
     perm = [2, 0, 1]
     ops = torch.ops.msidtrans_fast
     torch.library.opcheck(ops.msa_attention_forward, (q, k, v, perm, 5, 7))
@@ -187,9 +252,10 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(ops.msa_attention_backward, (grad, q, k, v, out, lse, perm))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(kernel_device):
     """torch.compile traces the Function and its custom ops without graph breaks."""
-    q, k, v = (t.requires_grad_() for t in (t.clone() for t in _inputs(1, 32, 5, 7, 2)))
+    q, k, v = (t.requires_grad_() for t in
+               (t.clone() for t in _inputs(1, 32, 5, 7, 2, device=kernel_device)))
 
     def attend(q_, k_, v_):
         return msa_attention(q_, k_, v_, (2, 0, 1), (5, 7))
@@ -201,3 +267,107 @@ def test_torch_compile_fullgraph():
     for a, r in zip(torch.autograd.grad(out, (q, k, v), grad),
                     torch.autograd.grad(ref, (q, k, v), grad), strict=True):
         assert torch.equal(a, r)
+
+
+def test_launchers_guard_the_tensors_device(kernel_device, monkeypatch):
+    """Every launch runs inside ``device_guard`` of the inputs' device (Triton launches on the
+    current CUDA device, not the tensors')."""
+    seen = []
+    guard = kernels.device_guard
+
+    def recording_guard(device):
+        seen.append(torch.device(device))
+        return guard(device)
+
+    monkeypatch.setattr(kernels, "device_guard", recording_guard)
+    q, k, v = (t.requires_grad_() for t in
+               (t.clone() for t in _inputs(1, 32, 3, 4, 1, device=kernel_device)))
+    out = msa_attention(q, k, v, (0, 1, 2), (3, 4))
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert seen == [q.device, q.device]  # forward, backward
+
+
+def test_device_guard_selects_the_given_gpu():
+    """The guard for ``cuda:1`` switches to device 1; CPU and index-less devices need none."""
+    from msidtrans_fast.kernels import device_guard
+
+    assert device_guard(torch.device("cuda:1")).idx == 1
+    for device in ("cpu", "cuda"):
+        with device_guard(torch.device(device)):
+            pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_second_gpu_matches_first():
+    """Inputs on cuda:1 while cuda:0 is current: the kernels run on cuda:1, with cuda:0's
+    results (without the guard they would read cuda:1 pointers on cuda:0)."""
+    q, k, v = _inputs(2, 48, 9, 10, 2)
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        args = [t.to(device).requires_grad_() for t in (q, k, v)]
+        out = msa_attention(*args, (2, 0, 1), (9, 10))
+        grads = torch.autograd.grad(out, args, torch.ones_like(out))
+        torch.cuda.synchronize(device)
+        assert out.device == torch.device(device)
+        results.append([t.cpu() for t in (out, *grads)])
+    for a, r in zip(*results, strict=True):
+        assert rel_err(a, r) <= FP32_FWD_REL
+
+
+def test_offsets_past_int32(kernel_device):
+    """q with a channel stride of 2**27 + 3 elements: ``channel * stride`` and
+    ``group * stride`` pass 2**31, where int32 offsets wrap (and read the wrong memory). On the
+    CPU the storage is a sparse file mapping (about 50 GB of address space, a few MB touched);
+    on a GPU it is allocated when there is room."""
+    d, h, w, stride_c = 32, 4, 5, 2 ** 27 + 3
+    numel = 3 * d * stride_c
+    with tempfile.NamedTemporaryFile() as f:
+        if kernel_device.type == "cpu":
+            f.truncate(numel * 4)
+            storage = torch.from_file(f.name, shared=True, size=numel, dtype=torch.float32)
+        else:
+            if torch.cuda.mem_get_info()[0] < 1.2 * numel * 4:
+                pytest.skip(f"needs {numel * 4 / 2 ** 30:.0f} GiB of free GPU memory")
+            storage = torch.empty(numel, device=kernel_device)
+        q = storage.as_strided((1, 3, d, h * w), (3 * d * stride_c, d * stride_c, stride_c, 1))
+        q_small, k, v = _inputs(1, d, h, w, 1, device=kernel_device, seed=6)
+        q.copy_(q_small)
+        q.requires_grad_()
+        out = msa_attention(q, k, v, (2, 0, 1), (h, w))
+        ref = _reference(q_small, k, v, (2, 0, 1), (h, w))
+        assert rel_err(out, ref) <= FP32_FWD_REL
+        q_small.requires_grad_()
+        grad = torch.randn_like(out)
+        dq = torch.autograd.grad(out, q, grad)[0]
+        dq_ref = torch.autograd.grad(_reference(q_small, k, v, (2, 0, 1), (h, w)), q_small,
+                                     grad.double())[0]
+        assert rel_err(dq, dq_ref) <= FP32_GRAD_REL
+        del q, storage
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_tuning_config_gives_the_same_result(kernel_device, dtype):
+    """The configurations of each tuning space only change tile sizes that do not split a
+    reduction (and warps, stages), so on a GPU all give the same numbers, bit for bit: which one
+    the tuner picks never changes a result. The interpreter computes a tile's matrix product with
+    numpy, whose summation order may depend on the tile's shape: there, fp32 tolerance."""
+    if dtype != torch.float32 and kernel_device.type != "cuda":
+        pytest.skip("16-bit dots need the GPU compiler")
+    same = torch.equal if kernel_device.type == "cuda" else (
+        lambda a, r: rel_err(a, r) <= FP32_FWD_REL)
+    b, d, h, w, s = 2, 48, 9, 10, 2
+    q, k, v = (t.to(dtype) for t in _inputs(b, d, h, w, s, device=kernel_device, seed=7))
+    grad = torch.randn(b, 3 * d, h, w, device=kernel_device).to(dtype)
+    perm = (1, 2, 0)
+    out, lse = kernels.msa_attention_forward(q, k, v, perm, (h, w))
+    for cfg in kernels.configs_for(kernels.FWD_CONFIGS, q.dtype):
+        again, lse_again = kernels.msa_attention_forward(q, k, v, perm, (h, w), config=cfg)
+        assert same(again, out) and same(lse_again, lse), cfg
+    first = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm)
+    for dkdv, dq in zip(kernels.configs_for(kernels.DKDV_CONFIGS, q.dtype),
+                        kernels.configs_for(kernels.DQ_CONFIGS, q.dtype), strict=True):
+        grads = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm,
+                                               configs={"dkdv": dkdv, "dq": dq})
+        assert all(same(a, r) for a, r in zip(grads, first, strict=True)), (dkdv, dq)

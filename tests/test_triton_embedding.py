@@ -1,6 +1,7 @@
 """Fused token embedding (``msidtrans_fast.embedding``) against the reference modules.
 
-Kernels run in Triton's interpreter without CUDA (see conftest.py); shapes are small and odd.
+The tests take their device from the ``kernel_device`` fixture: compiled on CUDA tensors on a GPU
+machine, Triton's interpreter on CPU tensors elsewhere (see conftest.py); shapes are small and odd.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ triton = pytest.importorskip("triton")
 from msidtrans_fast.embedding import ln_dwconv, token_embedding  # noqa: E402
 
 
-def _ln_dwconv_reference(x, g, b, weight, stride):
+def _ln_dwconv_reference(x, g, b, weight, stride, upcast=True):
+    """cLN + the three dilated depthwise convolutions, in float64 unless ``upcast`` is False."""
+    if upcast:
+        x, g, b, weight = (t.double() for t in (x, g, b, weight))
     xn = reference.channel_layer_norm(x, g.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
     c = x.shape[1]
     ys = [F.conv2d(xn, weight[i].unsqueeze(1), None, stride, d, d, c).flatten(2)
@@ -41,40 +45,43 @@ CASES = [(2, 48, 5, 7, 1), (1, 32, 13, 11, 2), (2, 64, 6, 9, 1), (2, 32, 3, 4, 2
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-c{}-{}x{}-s{}".format(*c))
-def test_ln_dwconv_matches_reference(case):
+def test_ln_dwconv_matches_reference(case, kernel_device):
     n, c, h, w, s = case
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(n, c, h, w, generator=gen).mul_(2).add_(0.5).requires_grad_()
-    g, b, wt = _params(c)
+    x = torch.randn(n, c, h, w, generator=gen).mul_(2).add_(0.5).to(kernel_device)
+    x.requires_grad_()
+    g, b, wt = _params(c, device=kernel_device)
     y = ln_dwconv(x, g, b, wt, s)
     ref = _ln_dwconv_reference(x, g, b, wt, s)
     assert y.shape == ref.shape and y.is_contiguous()
     assert rel_err(y, ref) <= FP32_FWD_REL
-    grad = torch.randn(ref.shape, generator=gen)
+    grad = torch.randn(ref.shape, generator=gen).to(kernel_device)
     for name, a, r in zip(("x", "g", "b", "w"), torch.autograd.grad(y, (x, g, b, wt), grad),
-                          torch.autograd.grad(ref, (x, g, b, wt), grad), strict=True):
+                          torch.autograd.grad(ref, (x, g, b, wt), grad.double()), strict=True):
         assert rel_err(a, r) <= FP32_GRAD_REL, name
 
 
 @pytest.mark.parametrize("c, h, w, s", [(48, 4, 5, 1), (32, 5, 3, 2)])
-def test_ln_dwconv_gradcheck_float64(c, h, w, s):
+def test_ln_dwconv_gradcheck_float64(c, h, w, s, kernel_device):
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
-    g, b, wt = _params(c, dtype=torch.float64)
+    x = torch.randn(2, c, h, w, generator=gen, dtype=torch.float64).to(kernel_device)
+    x.requires_grad_()
+    g, b, wt = _params(c, dtype=torch.float64, device=kernel_device)
     assert torch.autograd.gradcheck(lambda *a: ln_dwconv(*a, s), (x, g, b, wt),
                                     fast_mode=True, **GRADCHECK)
 
 
-def test_ln_dwconv_non_contiguous_input():
+def test_ln_dwconv_non_contiguous_input(kernel_device):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 7, 5, 32, generator=gen).permute(0, 3, 2, 1).requires_grad_()  # (2,32,5,7)
-    g, b, wt = _params(32)
+    x = torch.randn(2, 7, 5, 32, generator=gen).to(kernel_device).permute(0, 3, 2, 1)  # (2,32,5,7)
+    x.requires_grad_()
+    g, b, wt = _params(32, device=kernel_device)
     y = ln_dwconv(x, g, b, wt, 2)
     ref = _ln_dwconv_reference(x, g, b, wt, 2)
     assert rel_err(y, ref) <= FP32_FWD_REL
-    grad = torch.randn(ref.shape, generator=gen)
+    grad = torch.randn(ref.shape, generator=gen).to(kernel_device)
     assert rel_err(torch.autograd.grad(y, x, grad)[0],
-                   torch.autograd.grad(ref, x, grad)[0]) <= FP32_GRAD_REL
+                   torch.autograd.grad(ref, x, grad.double())[0]) <= FP32_GRAD_REL
 
 
 @pytest.mark.parametrize("bad, exc, match", [
@@ -114,21 +121,22 @@ def _reference_embedding(x, norm, attn):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dim, dim_head, kv_stride, h, w", [(48, 48, 1, 5, 6), (32, 32, 2, 7, 5)])
-def test_token_embedding_matches_modules(train, dim, dim_head, kv_stride, h, w):
-    """q, k, v, all parameter gradients and the BatchNorm running statistics."""
-    norm, attn = _layer(dim, dim_head, kv_stride)
+def test_token_embedding_matches_modules(train, dim, dim_head, kv_stride, h, w, kernel_device):
+    """q, k, v (token axis 16-aligned), all parameter gradients and the BatchNorm running
+    statistics."""
+    norm, attn = (m.to(kernel_device) for m in _layer(dim, dim_head, kv_stride))
     norm_ref, attn_ref = copy.deepcopy(norm), copy.deepcopy(attn)
     for m in (norm, attn, norm_ref, attn_ref):
         m.train(train)
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(2, dim, h, w, generator=gen, requires_grad=True)
+    x = torch.randn(2, dim, h, w, generator=gen).to(kernel_device).requires_grad_()
     ours = token_embedding(x, norm, attn)
     theirs = _reference_embedding(x, norm_ref, attn_ref)
     for name, a, r in zip("qkv", ours, theirs, strict=True):
         assert a.shape == r.shape, name
         assert rel_err(a, r) <= FP32_FWD_REL, name
-    assert ours[0].is_contiguous()
-    grads = [torch.randn(r.shape, generator=gen) for r in theirs]
+        assert a.stride(-1) == 1 and all(s % 16 == 0 for s in a.stride()[:3]), name
+    grads = [torch.randn(r.shape, generator=gen).to(kernel_device) for r in theirs]
     torch.autograd.backward(ours, grads)
     torch.autograd.backward(theirs, grads)
     named = list(norm.named_parameters()) + list(attn.named_parameters())
@@ -157,17 +165,52 @@ def test_ln_dwconv_low_precision_gpu(dtype):
     g, b, wt = (t.detach() for t in _params(64, device="cuda"))
     ref = _ln_dwconv_reference(x32, g, b, wt, 1)
     lowp = [t.to(dtype) for t in (x32, g, b, wt)]
-    torch_lowp = _ln_dwconv_reference(*lowp, 1)
+    torch_lowp = _ln_dwconv_reference(*lowp, 1, upcast=False)
     ours = ln_dwconv(*lowp, 1)
     bound = LOWP_FACTOR * (torch_lowp.float() - ref).abs().max().item() + LOWP_FLOOR[dtype]
     assert (ours.float() - ref).abs().max().item() <= bound
 
 
-def test_custom_ops_opcheck():
+def test_custom_ops_opcheck(kernel_device):
     """The launchers' torch.library ops: schema, fake kernels (shapes, strides), tracing."""
-    x = torch.randn(2, 48, 5, 3)
-    g, b, w = (t.detach() for t in _params(48))
+    x = torch.randn(2, 48, 5, 3, device=kernel_device)
+    g, b, w = (t.detach() for t in _params(48, device=kernel_device))
     ops = torch.ops.msidtrans_fast
     torch.library.opcheck(ops.ln_dwconv_forward, (x, g, b, w, 2))
     y = ops.ln_dwconv_forward(x, g, b, w, 2)
     torch.library.opcheck(ops.ln_dwconv_backward, (torch.randn_like(y), x, g, b, w, 2))
+
+
+def test_launchers_guard_the_tensors_device(kernel_device, monkeypatch):
+    """Every launch runs inside ``device_guard`` of the input's device (Triton launches on the
+    current CUDA device, not the tensors')."""
+    from msidtrans_fast.kernels import token_embedding as kernels
+
+    seen = []
+    guard = kernels.device_guard
+    monkeypatch.setattr(kernels, "device_guard", lambda d: seen.append(torch.device(d)) or guard(d))
+    x = torch.randn(1, 32, 3, 4, device=kernel_device, requires_grad=True)
+    g, b, w = _params(32, device=kernel_device)
+    y = ln_dwconv(x, g, b, w, 1)
+    torch.autograd.grad(y, (x, g, b, w), torch.ones_like(y))
+    assert seen == [x.device, x.device]  # forward, backward
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_second_gpu_matches_first():
+    """Inputs on cuda:1 while cuda:0 is current: the kernels run on cuda:1."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 48, 9, 10, generator=gen)
+    params = [t.detach() for t in _params(48)]
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        args = [t.to(device).requires_grad_() for t in (x, *params)]
+        y = ln_dwconv(*args, 2)
+        grads = torch.autograd.grad(y, args, torch.ones_like(y))
+        torch.cuda.synchronize(device)
+        assert y.device == torch.device(device)
+        results.append([t.cpu() for t in (y, *grads)])
+    for a, r in zip(*results, strict=True):
+        assert rel_err(a, r) <= FP32_FWD_REL

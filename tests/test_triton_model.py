@@ -1,6 +1,7 @@
 """The whole network with backend "triton" against backend "reference".
 
-Without CUDA the fused kernels run in Triton's interpreter (see conftest.py), so the image is tiny
+The parity tests take their device from the ``kernel_device`` fixture: compiled on CUDA tensors on
+a GPU machine, Triton's interpreter on CPU tensors elsewhere (see conftest.py), so the image is tiny
 and odd (13x11: the attention layers see 1x1, 2x2 and 4x3 grids, every kv length below a block).
 """
 
@@ -95,10 +96,10 @@ def _biases_before_batchnorm(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def test_train_step_matches_reference(monkeypatch):
+def test_train_step_matches_reference(monkeypatch, kernel_device):
     """Train mode, batch 2, 13x11: output, every parameter's gradient, BatchNorm buffers."""
-    if triton_backend.can_run(torch.device("cpu")) is not None:
-        pytest.skip(triton_backend.can_run(torch.device("cpu")))
+    if triton_backend.can_run(kernel_device) is not None:
+        pytest.skip(triton_backend.can_run(kernel_device))
     calls = []
 
     def counted(block, x, perm):
@@ -106,18 +107,18 @@ def test_train_step_matches_reference(monkeypatch):
         return triton_backend.attention_block(block, x, perm)
 
     monkeypatch.setitem(modules.ATTENTION_IMPLS, "triton", counted)
-    ref_model = _model()
+    ref_model = _model().to(kernel_device)
     model = copy.deepcopy(ref_model)
     ref_model.backend, model.backend = "reference", "triton"
     ref_model.train()
     model.train()
-    a, b = _inputs(2, 13, 11)
+    a, b = _inputs(2, 13, 11, device=kernel_device)
     out = model(a, b, q_perms=Q_PERMS)
     out_ref = ref_model(a, b, q_perms=Q_PERMS)
     assert calls == Q_PERMS  # every attention layer ran fused, with its own permutation
     assert rel_err(out, out_ref) <= MODEL_REL
     gen = torch.Generator().manual_seed(2)
-    grad = torch.rand(out.shape, generator=gen)
+    grad = torch.rand(out.shape, generator=gen).to(kernel_device)
     out.backward(grad)
     out_ref.backward(grad)
     largest = max(p.grad.abs().max().item() for p in ref_model.parameters()
@@ -145,12 +146,12 @@ def test_train_step_matches_reference(monkeypatch):
                if isinstance(m, torch.nn.BatchNorm2d) and "Token_Embeding" in name)
 
 
-def test_eval_matches_reference_and_state_dict_unchanged():
-    if triton_backend.can_run(torch.device("cpu")) is not None:
-        pytest.skip(triton_backend.can_run(torch.device("cpu")))
-    model = _model().eval()
+def test_eval_matches_reference_and_state_dict_unchanged(kernel_device):
+    if triton_backend.can_run(kernel_device) is not None:
+        pytest.skip(triton_backend.can_run(kernel_device))
+    model = _model().to(kernel_device).eval()
     keys = list(model.state_dict())
-    a, b = _inputs(1, 9, 14, seed=3)
+    a, b = _inputs(1, 9, 14, device=kernel_device, seed=3)
     with torch.no_grad():
         model.backend = "reference"
         ref = model(a, b)
