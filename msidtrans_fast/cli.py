@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consistency check: regions smaller than FRACTION of the image are merged "
                         "into their surroundings (0 disables it; default 0.001 as the original), "
                         "e.g. --threshold 0")
+    from .decision import DECISION_RULES, DEFAULT_RULE
+
+    p.add_argument("--decision-rule", choices=DECISION_RULES, default=DEFAULT_RULE,
+                   help="how the network's soft map becomes source choices: original (D > 0.5, "
+                        "as the original code) or flat (each flat, featureless region takes one "
+                        "source throughout, so exposure differences between the sources do not "
+                        f"show as blotches); default {DEFAULT_RULE}, e.g. --decision-rule flat")
     p.add_argument("--save-decision-map", action="store_true",
                    help="also write the binary decision map (white where the first source was "
                         "taken; for stacks, grey levels by source) as NAME-dm.png beside each "
@@ -257,8 +264,11 @@ def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None, options=N
                            f"{job.output.with_suffix('.png')} or .tif instead")
         job.shape = arrays[0].shape[:2]
         if options is not None and options.align is not None:
-            _estimate_alignment(job, mio.load_sources(arrays), options, names)
-        if len(jobs) == 1:
+            sources = mio.load_sources(arrays)
+            _estimate_alignment(job, sources, options, names)
+            if len(jobs) == 1:
+                job.arrays = sources
+        elif len(jobs) == 1:
             job.arrays = mio.load_sources(arrays)
         todo.append(job)
     return todo
@@ -405,7 +415,8 @@ def run(args, stdout, stderr) -> int:
         warnings.simplefilter("always")
         jobs, out_dir = plan_jobs(args)
     _print_warnings(caught, stderr)
-    options = FuseOptions(device=device, dtype=dtype, threshold=threshold, align=args.align,
+    options = FuseOptions(device=device, dtype=dtype, threshold=threshold,
+                          decision_rule=args.decision_rule, align=args.align,
                           align_crop=args.align_crop, align_fallback=args.align_fallback,
                           tile=tile, tile_overlap=overlap)
     if args.weights is not None and not Path(args.weights).is_file():

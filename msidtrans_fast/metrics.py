@@ -485,6 +485,18 @@ def flat_mask(a, b, level: float = BLOTCH_FLAT_LEVEL) -> np.ndarray:
     return rms.max(0) <= level
 
 
+def brightness_differs(a, b) -> np.ndarray:
+    """Where the sources' local brightness differs visibly: (H, W) bool, ``|mA - mB| >=``
+    :data:`BLOTCH_MIN_STEP` grey levels with the local means of ``Blotch`` (module docstring).
+    a, b: (H, W) or (H, W, 3), 0..255 scale, same H and W."""
+    ya, yb = to_luminance(a, "a"), to_luminance(b, "b")
+    if ya.shape != yb.shape:
+        raise ValueError(f"a and b must have the same height and width, got {ya.shape} and "
+                         f"{yb.shape}")
+    ma, mb = _gaussian_same(np.stack([ya, yb]), BLOTCH_MEAN_SIGMA)
+    return np.abs(ma - mb) >= BLOTCH_MIN_STEP
+
+
 def switch_map(a, b, f) -> tuple[np.ndarray, np.ndarray]:
     """Where the fused image switches source inside flat regions (see ``Blotch`` in the module
     docstring).

@@ -16,7 +16,9 @@ fusion the stages are:
    (:class:`WholeImageDecider`, the original's way), or on overlapping tiles blended into one map
    (:class:`msidtrans_fast.tiling.TiledDecider`, for large camera frames; ``tile="auto"`` keeps
    the whole-image path up to :data:`msidtrans_fast.tiling.AUTO_WHOLE_MAX_PIXELS`);
-4. **binarise** (:func:`binarise`): ``D > 0.5``, then the consistency check on the whole map: with
+4. **binarise** (:func:`binarise`): ``D > 0.5``; the decision rule (``options.decision_rule``:
+   ``"original"`` adds nothing, ``"flat"`` gives each flat region one source, see
+   :mod:`msidtrans_fast.decision`); then the consistency check on the whole map: with
    ``area = threshold * H * W``, 4-connected foreground then background components of strictly
    fewer than ``area`` pixels are flipped (:func:`msidtrans_fast.ops.remove_small_regions` with
    ``min_area = ceil(area)``, which removes exactly the components of size ``s < area``);
@@ -53,6 +55,7 @@ import numpy as np
 import torch
 
 from . import align as _align
+from . import decision as _decision
 from . import io as _io
 from . import tiling as _tiling
 from . import weights as _weights
@@ -99,6 +102,9 @@ class FuseOptions:
         dtype: compute dtype of the network, "float32" (None: float32, or the given model's
             dtype), "bfloat16", or "float16" (CUDA only), or a ``torch.dtype``.
         threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
+        decision_rule: how the binarise stage turns D into source choices, a name of
+            :data:`msidtrans_fast.decision.DECISION_RULES` (default
+            :data:`msidtrans_fast.decision.DEFAULT_RULE`; ``"original"`` is the original's).
         align: register the sources to the first before fusing, with this motion model:
             "similarity" (scale, rotation, shift; ``True`` means it), "affine" or "homography";
             None or False: the sources are fused as given (see :mod:`msidtrans_fast.align`).
@@ -114,8 +120,8 @@ class FuseOptions:
         tile_overlap: least overlap of neighbouring tiles in pixels, 0 to half the tile.
 
     Raises:
-        ValueError: a threshold outside [0, 1), an unknown alignment model, a bad tile or
-            overlap (device and dtype are checked when the network is loaded, by
+        ValueError: a threshold outside [0, 1), an unknown decision rule or alignment model, a
+            bad tile or overlap (device and dtype are checked when the network is loaded, by
             :func:`make_decider`).
     """
 
@@ -124,11 +130,13 @@ class FuseOptions:
     threshold: float = 0.001
     tile: int | str | None = "auto"
     tile_overlap: int = _tiling.DEFAULT_OVERLAP
+    decision_rule: str = _decision.DEFAULT_RULE
     align: str | None = None
     align_crop: bool = False
     align_fallback: bool = False
 
     def __post_init__(self):
+        _decision.check_rule(self.decision_rule)
         t = self.threshold
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 <= t < 1:
             raise ValueError(f"threshold must be a number in [0, 1), got {t!r}")
@@ -313,18 +321,31 @@ def min_area(threshold: float, height: int, width: int) -> int:
     return math.ceil(threshold * height * width)
 
 
-def binarise(soft: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The binarise stage: ``soft > 0.5``, then the consistency check on the whole map.
+def binarise(soft: torch.Tensor, threshold: float, rule: str = _decision.DEFAULT_RULE,
+             a: np.ndarray | None = None, b: np.ndarray | None = None) -> torch.Tensor:
+    """The binarise stage: ``soft > 0.5``, the decision rule, then the consistency check on the
+    whole map.
 
     Args:
         soft: (H, W) float32 soft decision map D in [0, 1] (from a :class:`Decider`).
         threshold: consistency-check fraction of H * W, in [0, 1); 0 disables the check.
+        rule: a name of :data:`msidtrans_fast.decision.DECISION_RULES`: ``"original"`` (nothing
+            between the threshold and the check) or ``"flat"`` (each flat region takes one
+            source, :func:`msidtrans_fast.decision.fill_flat_regions`).
+        a, b: the pair's sources, (H, W, C) as :func:`msidtrans_fast.io.load_sources` returns
+            them; the ``"flat"`` rule needs them.
 
     Returns:
         (H, W) bool tensor on ``soft``'s device, True where the first source is taken.
     """
+    _decision.check_rule(rule)
     with torch.inference_mode():
         mask = soft > BINARY_LEVEL
+        if rule == "flat":
+            if a is None or b is None:
+                raise ValueError("the 'flat' decision rule needs the sources a and b")
+            flat = torch.from_numpy(_decision.flat_regions(a, b)).to(mask.device)
+            mask = _decision.fill_flat_regions(mask, flat)
         if threshold > 0:
             from .ops import remove_small_regions
 
@@ -333,10 +354,11 @@ def binarise(soft: torch.Tensor, threshold: float) -> torch.Tensor:
     return mask
 
 
-def pair_decision(decider: Decider, a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
+def pair_decision(decider: Decider, a: np.ndarray, b: np.ndarray, threshold: float,
+                  rule: str = _decision.DEFAULT_RULE) -> np.ndarray:
     """Decision map then binarise for one pair: (H, W) bool numpy array, True where ``a`` is
     taken. ``a``, ``b``: (H, W, C) sources as :func:`msidtrans_fast.io.load_sources` returns."""
-    return binarise(decider(a, b), threshold).cpu().numpy()
+    return binarise(decider(a, b), threshold, rule, a, b).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------- compose stage
@@ -451,7 +473,7 @@ def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseO
     aligned = align_stage(sources, options, names, alignments)
 
     def decide(a, b):
-        return pair_decision(decider, a, b, options.threshold)
+        return pair_decision(decider, a, b, options.threshold, options.decision_rule)
 
     if aligned is None:
         return compose(sources, decide, progress)
@@ -469,8 +491,8 @@ _UNSET = object()
 def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module | None = None,
          weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, threshold: float | None = None,
-         align: str | bool | None = None, align_crop: bool | None = None,
-         align_fallback: bool | None = None,
+         decision_rule: str | None = None, align: str | bool | None = None,
+         align_crop: bool | None = None, align_fallback: bool | None = None,
          tile=_UNSET, tile_overlap: int | None = None,
          return_decision_map: bool = False, progress: Callable[[], None] | None = None):
     """Fuses two or more images of one scene focused at different depths.
@@ -482,8 +504,9 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
             must share the bit depth; gray and RGB may be mixed (the result is then RGB). More
             than two sources form a focus stack: all are fused (see the module docstring).
         options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``,
-            ``align``, ``align_crop``, ``align_fallback``, ``tile``, ``tile_overlap`` as keywords
-            (not both). Default threshold: 0.001, as the original; no alignment.
+            ``decision_rule``, ``align``, ``align_crop``, ``align_fallback``, ``tile``,
+            ``tile_overlap`` as keywords (not both). Default threshold: 0.001, as the original;
+            ``decision_rule="original"`` binarises as the original does; no alignment.
             ``align="similarity"`` (or ``"affine"``, ``"homography"``) registers every source to
             the first before the decision map (for handheld or refocused stacks); the output then
             has the first source's size (``align_crop=True``: the area every source covers).
@@ -511,8 +534,8 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
         torch.OutOfMemoryError: the image does not fit the device (see :func:`estimate_memory`).
     """
     fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold),
-                                ("align", align), ("align_crop", align_crop),
-                                ("align_fallback", align_fallback),
+                                ("decision_rule", decision_rule), ("align", align),
+                                ("align_crop", align_crop), ("align_fallback", align_fallback),
                                 ("tile_overlap", tile_overlap)) if v is not None}
     if tile is not _UNSET:
         fields["tile"] = tile

@@ -128,8 +128,8 @@ def test_help_explains_every_option():
     code, stdout, _ = run_cli("--help")
     assert code == 0
     for option in ("--dataset", "--sample", "--weights", "--device", "--dtype", "--threshold",
-                   "--save-decision-map", "--overwrite", "--skip-existing", "--quiet", "-o",
-                   "examples:"):
+                   "--decision-rule", "--save-decision-map", "--overwrite", "--skip-existing",
+                   "--quiet", "-o", "examples:"):
         assert option in stdout
 
 
