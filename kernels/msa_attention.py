@@ -112,22 +112,25 @@ def _prune(configs, named_args, **kwargs):
     return kept[:1] if _INTERPRET else kept
 
 
-# Each space compiles without register spills for sm_90 and sm_80 at head sizes 32, 48 and 64
-# (tools/inspect_kernels.py). The fixed block is the one a reduction runs over.
+# Spaces checked with tools/inspect_kernels.py (sm_90, the launches of 520x520 and 1024x768 at
+# head sizes 32, 48, 64): no 16-bit configuration spills; fp32 configurations with stack frames
+# of 8 bytes or more were left out (dK/dV with 4 warps or 64-key tiles spilled 250-400 bytes), but
+# the fp32 dK/dV configuration keeps an 8-byte frame at head size 64. The fixed block is the one a
+# reduction runs over.
 _KEY_BLOCK = {"16bit": {"BLOCK_N": 64}, "fp32": {"BLOCK_N": 32}}
 _QUERY_BLOCK = {"16bit": {"BLOCK_M": 64}, "fp32": {"BLOCK_M": 32}}
 FWD_CONFIGS = _space({
     "16bit": [("BLOCK_M", 128, 8, 3), ("BLOCK_M", 64, 4, 2), ("BLOCK_M", 64, 4, 3),
               ("BLOCK_M", 128, 8, 2)],
-    "fp32": [("BLOCK_M", 64, 8, 2), ("BLOCK_M", 32, 4, 2), ("BLOCK_M", 64, 8, 3)],
+    "fp32": [("BLOCK_M", 64, 8, 2), ("BLOCK_M", 64, 8, 3)],
 }, _KEY_BLOCK)
 DQ_CONFIGS = _space({
     "16bit": [("BLOCK_M", 64, 4, 2), ("BLOCK_M", 64, 4, 3), ("BLOCK_M", 128, 8, 2)],
-    "fp32": [("BLOCK_M", 32, 8, 2), ("BLOCK_M", 32, 4, 2), ("BLOCK_M", 64, 8, 2)],
+    "fp32": [("BLOCK_M", 32, 8, 2), ("BLOCK_M", 32, 4, 2)],
 }, _KEY_BLOCK)
 DKDV_CONFIGS = _space({
     "16bit": [("BLOCK_N", 64, 4, 2), ("BLOCK_N", 64, 4, 3), ("BLOCK_N", 128, 8, 2)],
-    "fp32": [("BLOCK_N", 32, 8, 2), ("BLOCK_N", 32, 4, 2), ("BLOCK_N", 64, 8, 2)],
+    "fp32": [("BLOCK_N", 32, 8, 2)],
 }, _QUERY_BLOCK)
 
 
@@ -476,19 +479,24 @@ def _msa_bwd_dq_kernel(
 _MAX_TILE = 128
 
 
-def _offset_dtype(*tensors: torch.Tensor):
-    """int32 for in-tile offsets unless some stride is so large that ``tile index * stride``
-    summed over a tile's two axes could pass 2**31 (then int64: slower, never wrong)."""
-    largest = max(abs(s) for t in tensors for s in t.stride())
-    return tl.int32 if 2 * _MAX_TILE * largest < 2 ** 31 else tl.int64
+def _offset_dtype(*strides: int):
+    """int32 for in-tile offsets unless one of the channel/token ``strides`` is so large that
+    ``tile index * stride`` summed over a tile's two axes could pass 2**31 (then int64: slower,
+    never wrong). Batch and group offsets are always 64-bit."""
+    return tl.int32 if 2 * _MAX_TILE * max(abs(s) for s in strides) < 2 ** 31 else tl.int64
 
 
-def _consts(dtype: torch.dtype, head_dim: int, *tensors: torch.Tensor) -> dict:
-    """Constexprs fixed by dtype, head size and strides (tile sizes come from the tuning
-    spaces)."""
+def _tile_strides(*tensors: torch.Tensor) -> list[int]:
+    """The strides of the two last axes (channel, token) of each tensor."""
+    return [s for t in tensors for s in t.stride()[-2:]]
+
+
+def _consts(dtype: torch.dtype, head_dim: int, strides: list[int]) -> dict:
+    """Constexprs fixed by dtype, head size and the in-tile strides (tile sizes come from the
+    tuning spaces)."""
     return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
             "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
-            "PRECISION": "ieee", "OFFSET_DTYPE": _offset_dtype(*tensors),
+            "PRECISION": "ieee", "OFFSET_DTYPE": _offset_dtype(*strides),
             "SPLIT_TAIL": _dtype_class(dtype) == "16bit"}
 
 
@@ -538,7 +546,7 @@ def msa_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per
         _launch(_msa_fwd_kernel, lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * GROUPS),
                 (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(),
                  out.stride(0), out.stride(1), 1, n_q, n_k, d ** -0.5 * LOG2E, pack_perm(perm),
-                 key), _consts(q.dtype, d, q, k, v, out), config)
+                 key), _consts(q.dtype, d, [*_tile_strides(q, k, v), out.stride(1)]), config)
     return out, lse
 
 
@@ -580,7 +588,7 @@ def msa_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    consts = _consts(q.dtype, d, q, k, v, do, dq, dk)
+    consts = _consts(q.dtype, d, _tile_strides(q, k, v, do, dq, dk))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     with device_guard(q.device):
         _msa_bwd_preprocess_kernel[(triton.cdiv(n_q, block_m), b * GROUPS)](

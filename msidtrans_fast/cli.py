@@ -10,6 +10,7 @@ network runs, so bad input never leaves partial output. Exit codes: 0 success, 1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -74,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N, "
                         "e.g. --device cpu")
-    p.add_argument("--dtype", default="float32",
-                   help="compute precision: float32 (default), bfloat16, or float16 (CUDA only); "
-                        "the 16-bit types need less memory, e.g. --dtype bfloat16")
+    p.add_argument("--dtype", default="auto",
+                   help="compute precision: auto (default: bfloat16 where the device computes it "
+                        "natively and agrees with float32, else float32: float32 today), float32 "
+                        "(exact), bfloat16, or float16 (CUDA only); e.g. --dtype bfloat16")
     p.add_argument("--tile", default="auto", metavar="auto|off|N",
                    help="how the decision map is computed: auto (default: the whole image at once "
                         "up to 1024x1024 pixels, tiles of 256 px above), off (always the whole "
@@ -390,13 +392,54 @@ def _parse_tile(args) -> tuple:
     return tile, overlap
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among those ``torchrun`` started (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``); one process when they are unset.
+
+    With ``--dataset``, process ``rank`` fuses pairs ``rank, rank + world, ...`` (outputs named
+    as in a single run) on its own device (``cuda:LOCAL_RANK`` when ``--device auto`` finds
+    CUDA), and rank 0 prints the closing line once every process has finished.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        get = os.environ.get
+        return cls(int(get("RANK", "0")), int(get("WORLD_SIZE", "1")), int(get("LOCAL_RANK", "0")))
+
+    def join(self) -> None:
+        """Joins the process group (gloo: CPU-only machines too); a no-op for one process."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+
+    def wait_for_all(self) -> None:
+        """Returns once every process got here (and leaves the group)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def run(args, stdout, stderr) -> int:
     """Runs the command for parsed ``args``; raises BadInput for bad input."""
     from . import weights as mw
 
+    shard = Shard.from_env()
+    if shard.world > 1 and args.dataset is None:
+        raise BadInput("several processes (torchrun) share the pairs of a --dataset only")
     try:
         device = mw.resolve_device(args.device)
-        dtype = mw.resolve_dtype(args.dtype)
+        if shard.world > 1 and args.device == "auto" and device.type == "cuda":
+            device = mw.resolve_device(f"cuda:{shard.local_rank}")
+        dtype = mw.resolve_dtype(args.dtype, device)
         mw.check_dtype_on_device(dtype, device)
     except ValueError as e:
         raise BadInput(str(e)) from None
@@ -423,18 +466,21 @@ def run(args, stdout, stderr) -> int:
         raise BadInput(f"weights file not found: {args.weights}")
 
     planned = len(jobs)
+    jobs = jobs[shard.rank::shard.world]
+    mine = len(jobs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         jobs = check_jobs(jobs, args.overwrite, out_dir, options, args.skip_existing)
     _print_warnings(caught, stderr)
-    skipped = planned - len(jobs)
-    if not jobs:
+    skipped = mine - len(jobs)
+    if not jobs and shard.world == 1:
         if not args.quiet:
             print(f"nothing to fuse: the outputs of all {planned} "
                   f"{'pairs' if planned > 1 else 'fusions'} exist (kept)", file=stdout)
         return EXIT_OK
     if args.align is not None and not args.quiet:
         _print_alignments(jobs, stdout)
+    shard.join()
 
     from .pipeline import make_decider
 
@@ -452,7 +498,8 @@ def run(args, stdout, stderr) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        code = _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr)
+        code = _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, shard,
+                          len(jobs) if shard.world == 1 else planned)
     _print_warnings(caught, stderr)
     return code
 
@@ -518,36 +565,44 @@ def _write_job(job: Job, result, arrays: list, overwrite: bool) -> None:
             mio.write_image(path, image, overwrite=overwrite)
 
 
-def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr) -> int:
+def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, shard=Shard(),
+               total=None) -> int:
     """Fuses every job in order. With ``IO_THREADS > 0`` the next job's sources are decoded and
     the finished outputs encoded in background threads while the network runs (decoders,
-    encoders and torch release the GIL), at most two outputs waiting to be written."""
+    encoders and torch release the GIL), at most two outputs waiting to be written.
+
+    ``jobs`` is this process's share (``shard``) of ``total`` jobs; rank 0 reports them all."""
     import torch
     from tqdm import tqdm
 
     from .pipeline import fuse_sources, stack_runs
+    from .weights import AUTO_DTYPE
 
     start = time.perf_counter()
+    total = len(jobs) if total is None else total
     stack = len(jobs) == 1 and len(jobs[0].sources) > 2
     tiles = getattr(decider, "tiles", lambda h, w: 1)
     # one fusion cut into tiles: the bar counts tiles; a stack: pairs; a dataset: images
     by_tile = len(jobs) == 1 and tiles(*jobs[0].shape) > 1
     if by_tile:
-        total, unit = stack_runs(len(jobs[0].sources)) * tiles(*jobs[0].shape), "tile"
+        bar_total, unit = stack_runs(len(jobs[0].sources)) * tiles(*jobs[0].shape), "tile"
+    elif stack:
+        bar_total, unit = stack_runs(len(jobs[0].sources)), "pair"
     else:
-        total, unit = (stack_runs(len(jobs[0].sources)), "pair") if stack else (len(jobs), "image")
-    bar = tqdm(total=total, unit=unit, disable=args.quiet or (len(jobs) == 1 and total == 1),
+        bar_total, unit = len(jobs), "image"
+    bar = tqdm(total=bar_total, unit=unit,
+               disable=args.quiet or shard.rank > 0 or (total == 1 and not stack and not by_tile),
                file=stderr, dynamic_ncols=True)
     if hasattr(decider, "progress"):
         decider.progress = bar.update if by_tile else None
     device, dtype = options.device, options.dtype  # resolved by run()
-    job, shape = jobs[0], None
+    job, shape = (jobs[0] if jobs else None), None
     pool = (ThreadPoolExecutor(IO_THREADS, thread_name_prefix="msidtrans-io") if IO_THREADS > 0
             else _InlineExecutor())
     with pool:
         writes: deque[Future] = deque()
         try:
-            next_read = pool.submit(_read_job, jobs[0])
+            next_read = pool.submit(_read_job, jobs[0]) if jobs else None
             for i, job in enumerate(jobs):
                 arrays = next_read.result()
                 if i + 1 < len(jobs):
@@ -586,18 +641,25 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr) -
                 return EXIT_FAILED
             raise
     bar.close()
+    shard.wait_for_all()
     elapsed = time.perf_counter() - start
-    if not args.quiet:
+    if not args.quiet and shard.rank == 0:
         if stack:
             what = f"fused a stack of {len(jobs[0].sources)} images into {jobs[0].output}"
         elif out_dir is not None:
-            what = f"fused {len(jobs)} pair{'s' if len(jobs) > 1 else ''} into {out_dir}"
-            if skipped:
+            what = f"fused {total} pair{'s' if total > 1 else ''} into {out_dir}"
+            if shard.world > 1:
+                what += f" with {shard.world} processes"
+            elif skipped:
                 what += f" (kept {skipped} already fused)"
         else:
             what = f"fused 1 pair into {jobs[0].output}"
-        print(f"{what} in {elapsed:.1f} s on {device} ({str(dtype)[6:]}; "
-              f"{_path_note(decider, jobs)})", file=stdout)
+        precision = str(dtype)[6:]
+        if str(args.dtype).lower() == AUTO_DTYPE:
+            precision += ", picked by --dtype auto"
+        rate = f", {total / elapsed:.2f} pairs/s" if out_dir is not None and not stack else ""
+        print(f"{what} in {elapsed:.1f} s on {device} ({precision}; "
+              f"{_path_note(decider, jobs)}){rate}", file=stdout)
     return EXIT_OK
 
 

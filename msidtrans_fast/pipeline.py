@@ -59,6 +59,7 @@ from . import decision as _decision
 from . import io as _io
 from . import tiling as _tiling
 from . import weights as _weights
+from .model import MSIDTrans
 
 #: Binarisation level of the soft decision map (stage 3).
 BINARY_LEVEL = 0.5
@@ -77,7 +78,7 @@ def get_model(weights: str | os.PathLike | None = None, device: str | torch.devi
     See :func:`msidtrans_fast.weights.load_model` for the arguments and errors.
     """
     dev = _weights.resolve_device(device)
-    dt = _weights.resolve_dtype(dtype)
+    dt = _weights.resolve_dtype(_weights.AUTO_DTYPE if dtype is None else dtype, dev)
     key = (str(os.path.abspath(weights)) if weights is not None else "", str(dev), dt)
     with _MODEL_LOCK:
         if key not in _MODEL_CACHE:
@@ -99,8 +100,10 @@ class FuseOptions:
     Attributes:
         device: "auto" / None (CUDA if available, else the CPU), "cpu", "cuda", "cuda:N" or a
             ``torch.device``. With a given model: None means the model's device.
-        dtype: compute dtype of the network, "float32" (None: float32, or the given model's
-            dtype), "bfloat16", or "float16" (CUDA only), or a ``torch.dtype``.
+        dtype: compute dtype of the network: "auto" (the default, None: bfloat16 where the
+            device computes it natively, else float32; see
+            :func:`msidtrans_fast.weights.auto_dtype`; with a given model: its dtype),
+            "float32" (exact), "bfloat16", "float16" (CUDA only), or a ``torch.dtype``.
         threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
         decision_rule: how the binarise stage turns D into source choices, a name of
             :data:`msidtrans_fast.decision.DECISION_RULES` (default
@@ -223,12 +226,17 @@ def _pixel_scale(dtype: np.dtype) -> float:
 
 
 def to_network_input(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(H, W, C) source -> (1, 3, H, W) tensor in [-1, 1] (gray replicated to RGB)."""
-    x = torch.from_numpy(array.astype(np.float32) / np.float32(_pixel_scale(array.dtype)))
+    """(H, W, C) source -> (1, 3, H, W) tensor in [-1, 1] (gray replicated to RGB).
+
+    The result is a channels-last view of the pixels (the layout of the network's weights on the
+    CPU, and the source's own interleaved layout): one conversion to float32 and two in-place
+    passes, ``(x / scale - 0.5) / 0.5`` as the original.
+    """
+    x = torch.from_numpy(array).to(device=device, dtype=torch.float32, copy=True)
+    x = x.div_(_pixel_scale(array.dtype)).sub_(0.5).div_(0.5)
     if x.shape[-1] == 1:
-        x = x.expand(-1, -1, 3)
-    x = (x - 0.5) / 0.5
-    return x.permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype).contiguous()
+        x = x.expand(-1, -1, 3).contiguous()
+    return x.permute(2, 0, 1).unsqueeze(0).to(dtype)
 
 
 @runtime_checkable
@@ -272,7 +280,9 @@ class WholeImageDecider:
         self.model.eval()
         try:
             with torch.inference_mode():
-                return self.model(A, B)[0, 0].float()
+                # The sources were checked on the host (io.load_sources): no device sync here.
+                kwargs = {"check_finite": False} if isinstance(self.model, MSIDTrans) else {}
+                return self.model(A, B, **kwargs)[0, 0].float()
         finally:
             self.model.train(was_training)
 
@@ -299,7 +309,8 @@ def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
             _weights.resolve_device(options.device) != param.device:
         raise ValueError(f"device {options.device!r} differs from the model's device "
                          f"{param.device}")
-    if options.dtype is not None and _weights.resolve_dtype(options.dtype) != param.dtype:
+    if options.dtype not in (None, _weights.AUTO_DTYPE) and \
+            _weights.resolve_dtype(options.dtype) != param.dtype:
         raise ValueError(f"dtype {options.dtype!r} differs from the model's dtype {param.dtype}")
     return _decider(model, options)
 

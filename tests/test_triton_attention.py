@@ -333,6 +333,9 @@ def test_offsets_past_int32(kernel_device):
             storage = torch.empty(numel, device=kernel_device)
         q = storage.as_strided((1, 3, d, h * w), (3 * d * stride_c, d * stride_c, stride_c, 1))
         q_small, k, v = _inputs(1, d, h, w, 1, device=kernel_device, seed=6)
+        tile_strides = kernels._tile_strides
+        assert kernels._offset_dtype(*tile_strides(q, k, v)) == kernels.tl.int64
+        assert kernels._offset_dtype(*tile_strides(q_small, k, v)) == kernels.tl.int32
         q.copy_(q_small)
         q.requires_grad_()
         out = msa_attention(q, k, v, (2, 0, 1), (h, w))
@@ -366,8 +369,8 @@ def test_every_tuning_config_gives_the_same_result(kernel_device, dtype):
         again, lse_again = kernels.msa_attention_forward(q, k, v, perm, (h, w), config=cfg)
         assert same(again, out) and same(lse_again, lse), cfg
     first = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm)
-    for dkdv, dq in zip(kernels.configs_for(kernels.DKDV_CONFIGS, q.dtype),
-                        kernels.configs_for(kernels.DQ_CONFIGS, q.dtype), strict=True):
-        grads = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm,
-                                               configs={"dkdv": dkdv, "dq": dq})
-        assert all(same(a, r) for a, r in zip(grads, first, strict=True)), (dkdv, dq)
+    choices = ([{"dkdv": c} for c in kernels.configs_for(kernels.DKDV_CONFIGS, q.dtype)]
+               + [{"dq": c} for c in kernels.configs_for(kernels.DQ_CONFIGS, q.dtype)])
+    for configs in choices:
+        grads = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm, configs=configs)
+        assert all(same(a, r) for a, r in zip(grads, first, strict=True)), configs

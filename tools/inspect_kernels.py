@@ -12,12 +12,13 @@ so), once per autotuning configuration, and compiled for the target with Triton'
 
 One Markdown row per compiled kernel: tile sizes, warps, pipeline stages, shared memory (bytes),
 registers and stack frame per thread (``cuobjdump --dump-resource-usage``; a stack frame means
-spills), and instruction counts in the PTX: global loads by width (``ld.global`` 16-byte
-``.v4``/``.v2`` vectors and scalars, of any element type), ``cp.async`` copies (global to shared,
-the software pipeline's multi-buffering), and matrix instructions (``wgmma.mma_async``: Hopper's
-warpgroup MMA; ``mma.sync``: the warp-level MMA of sm_80). The counts are static (instructions in
-the code, not executed ones). Needs triton with its NVIDIA backend; runs without
-``TRITON_INTERPRET``. The result depends on the Triton version: run it with the GPU machine's.
+spills), and instruction counts in the PTX: global loads by width (``ld.global`` ``.v4``/``.v2``
+vectors and scalars, of any element type), ``cp.async`` copies (global to shared, the software
+pipeline's multi-buffering) of 16 bytes and of fewer, and matrix instructions
+(``wgmma.mma_async``: Hopper's warpgroup MMA; ``mma.sync``: the warp-level MMA of sm_80). The
+counts are static (instructions in the code, not executed ones). Needs triton with its NVIDIA
+backend; runs without ``TRITON_INTERPRET``. The result depends on the Triton version: run it with
+the GPU machine's.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ KERNELS = {  # module attribute -> label
     (E, "_ln_dwconv_bwd_input_kernel"): "cLN + dwconv bwd input",
     (E, "_ln_dwconv_bwd_weight_kernel"): "cLN + dwconv bwd weight",
 }
-COLUMNS = ("ld.v4", "ld.v2", "ld.scalar", "cp.async", "st.v4", "st.scalar", "wgmma", "mma.sync")
+COLUMNS = ("ld.v4", "ld.v2", "ld.scalar", "cp.async16", "cp.async<16", "st.v4", "st.scalar",
+           "wgmma", "mma.sync")
 
 
 class _Recorder:
@@ -115,8 +117,8 @@ def launches(height: int, width: int, dtype: torch.dtype) -> list:
                 c = x.shape[1]
                 g, b, wt = (torch.empty(s, device="meta", dtype=dtype) for s in
                             (c, c, (3, c, 3, 3)))
-                y = E.ln_dwconv_forward(x, g, b, wt, stride)
-                E.ln_dwconv_backward(torch.empty_like(y), x, g, b, wt, stride)
+                y = E.ln_dwconv_forward(x, g, b, wt, stride, block.norm.eps)
+                E.ln_dwconv_backward(torch.empty_like(y), x, g, b, wt, stride, block.norm.eps)
             out, lse = A.msa_attention_forward(q, k, v, (1, 2, 0), (h, w))
             A.msa_attention_backward(torch.empty_like(out), q, k, v, out, lse, (1, 2, 0))
         for i in range(start, len(log)):
@@ -178,11 +180,14 @@ def ptx_counts(ptx: str) -> dict[str, int]:
     lines = [ln.strip() for ln in ptx.splitlines()]
     loads = [ln for ln in lines if re.match(r"(@%p\d+\s+)?ld\.global", ln)]
     stores = [ln for ln in lines if re.match(r"(@%p\d+\s+)?st\.global", ln)]
+    copies = [int(m.group(1), 0) for ln in lines if (m := re.match(
+        r"(?:@%p\d+\s+)?cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+|\d+)", ln))]
     return {
         "ld.v4": sum(".v4." in ln for ln in loads),
         "ld.v2": sum(".v2." in ln for ln in loads),
         "ld.scalar": sum(".v2." not in ln and ".v4." not in ln for ln in loads),
-        "cp.async": sum(bool(re.match(r"(@%p\d+\s+)?cp\.async\.(ca|cg)", ln)) for ln in lines),
+        "cp.async16": sum(size == 16 for size in copies),
+        "cp.async<16": sum(size < 16 for size in copies),
         "st.v4": sum(".v4." in ln for ln in stores),
         "st.scalar": sum(".v2." not in ln and ".v4." not in ln for ln in stores),
         "wgmma": sum("wgmma.mma_async" in ln for ln in lines),
