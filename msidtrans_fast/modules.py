@@ -235,11 +235,13 @@ class MSSEModule(_WaveletHighLayer):
         for branch, w in zip((parallel.branch1, parallel.branch2, parallel.branch3),
                              (w1, w2, w3), strict=True):
             y = F.mish(branch(t), inplace=True)
-            if _channels_last(out) and _channels_last(y):
+            if _channels_last(out) and _channels_last(y) and out.dtype == y.dtype:
                 # (b, H, W, C) rows: the 1x1 convolution accumulates into ``out`` as one GEMM,
-                # without a temporary of out's size.
+                # without a temporary of out's size (under autocast the weight is cast here,
+                # as the convolution would).
                 rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
-                rows.addmm_(y.permute(0, 2, 3, 1).view(-1, y.shape[1]), w.flatten(1).t())
+                rows.addmm_(y.permute(0, 2, 3, 1).view(-1, y.shape[1]),
+                            w.flatten(1).t().to(y.dtype))
             else:
                 out.add_(F.conv2d(y, w))
         return out

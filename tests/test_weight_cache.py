@@ -185,3 +185,12 @@ def test_inference_shortcuts_match_the_autograd_path(layout):
         plain = model(A, B)
     assert plain.requires_grad
     assert rel_err(_run(model, A, B), plain) <= FP32_FWD_REL
+
+
+def test_channels_last_inference_under_bf16_autocast():
+    model, (A, B) = _model(), _pair(side=40)
+    model.to(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(A, B)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - _run(model, A, B)).abs().max() < 0.1
