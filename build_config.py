@@ -1,4 +1,4 @@
-"""How ``setup.py`` builds ``msidtrans_fast._C``: with or without its CUDA kernels, and for which GPUs.
+"""How ``setup.py`` builds ``msidtrans_fast._C``: with or without CUDA kernels, and for which GPUs.
 
 The decision (:func:`plan_build`) is a pure function of what was found, so that it can be tested
 for every situation without building anything:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from . import reference
 from .kernels import msa_attention as _attention_kernels
 from .kernels import token_embedding as _kernels
+from .modules import cached
 
 
 # The launchers as torch.library custom ops (with fake kernels), so that torch.compile and
@@ -153,16 +154,26 @@ def _batch_norm_stacked(y: torch.Tensor, bns) -> torch.Tensor:
     return out.view(b, groups, c, n)
 
 
-def _bn_project(y: torch.Tensor, bns, projections) -> torch.Tensor:
-    """BN (train: batch stats; eval: folded) then the three 1x1 projections: (b, 3, out, N)."""
-    proj = torch.stack([p.weight.flatten(1) for p in projections])  # (3, out, C)
+def _bn_project(y: torch.Tensor, bns, proj: torch.Tensor, projections, owner,
+                which: int) -> torch.Tensor:
+    """BN (train: batch stats; eval: folded) then the three 1x1 projections: (b, 3, out, N).
+
+    ``proj`` is the (3, out, C) stack of the projection weights; in eval mode the folded weights
+    are computed once per weights version (:func:`modules.cached` on ``owner``).
+    """
     if any(bn.training for bn in bns):
         return torch.matmul(proj, _batch_norm_stacked(y, bns))
-    scale = torch.stack([bn.weight * torch.rsqrt(bn.running_var + bn.eps) for bn in bns])
-    shift = torch.stack([bn.bias for bn in bns]) - torch.stack(
-        [bn.running_mean for bn in bns]) * scale                    # (3, C)
-    bias = torch.matmul(proj, shift.unsqueeze(-1))                  # (3, out, 1)
-    out = torch.matmul(proj * scale.unsqueeze(1), y)  # under autocast: the autocast dtype
+
+    def fold():
+        scale = torch.stack([bn.weight * torch.rsqrt(bn.running_var + bn.eps) for bn in bns])
+        shift = torch.stack([bn.bias for bn in bns]) - torch.stack(
+            [bn.running_mean for bn in bns]) * scale                    # (3, C)
+        return proj * scale.unsqueeze(1), torch.matmul(proj, shift.unsqueeze(-1))  # (3, out, 1)
+
+    sources = [t for bn in bns for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+    weight, bias = cached(owner, f"folded{which}", sources + [p.weight for p in projections],
+                          fold)
+    out = torch.matmul(weight, y)  # under autocast: the autocast dtype
     return out + bias.to(out.dtype)
 
 
@@ -187,11 +198,18 @@ def token_embedding(x: torch.Tensor, norm, attention) -> tuple[torch.Tensor, tor
     outs = []
     for which, stride in ((0, 1), (1, attention.kv_stride)):
         nets = [embeds[i][which].net for i in range(len(reference.SCALES))]
-        weight = torch.cat([net[0].weight for net in nets])            # (3C, 1, 3, 3)
-        weight = weight.view(len(nets), -1, 3, 3)
-        y = ln_dwconv(x, norm.g.to(x.dtype), norm.b.to(x.dtype), weight.to(x.dtype), stride,
-                      norm.eps)
-        outs.append(_bn_project(y, [net[1] for net in nets], [net[2] for net in nets]))
+
+        def stack(nets=nets):
+            weight = torch.cat([net[0].weight for net in nets])            # (3C, 1, 3, 3)
+            return (norm.g.to(x.dtype), norm.b.to(x.dtype),
+                    weight.view(len(nets), -1, 3, 3).to(x.dtype),
+                    torch.stack([net[2].weight.flatten(1) for net in nets]))  # (3, out, C)
+
+        sources = [norm.g, norm.b] + [net[i].weight for net in nets for i in (0, 2)]
+        g, b, weight, proj = cached(attention, f"stacked{which}", sources, stack, x.dtype)
+        y = ln_dwconv(x, g, b, weight, stride, norm.eps)
+        outs.append(_bn_project(y, [net[1] for net in nets], proj, [net[2] for net in nets],
+                                attention, which))
     q, kv = (_pad_tokens(t) for t in outs)
     return q, kv[:, :, :d], kv[:, :, d:]
 

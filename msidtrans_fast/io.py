@@ -1,4 +1,6 @@
-"""Reading and writing images: 8 and 16 bits per channel, grayscale and RGB.
+"""Reading and writing images: 8 and 16 bits per channel, grayscale and RGB; the one image reader,
+folder listing (:func:`list_images`) and pairing rule (:func:`pair_images`) of every tool, and the
+load stage of fusing (:func:`load_sources`).
 
 Arrays are ``numpy.ndarray`` of dtype ``uint8`` or ``uint16``, shaped (H, W) for grayscale and
 (H, W, 3) for RGB. Alpha channels are dropped on reading (the network sees RGB, as the original);

@@ -27,6 +27,12 @@ NUM_ATTENTION_CALLS = 4
 IDENTITY_PERMUTATION = (0, 1, 2)
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s computation is being traced or captured (no host sync is allowed)."""
+    return torch.compiler.is_compiling() or (
+        t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _half(n: int) -> int:
     return math.ceil(n / 2)
 
@@ -91,8 +97,17 @@ class MSIDTrans(nn.Module):
     def backend(self, name: str) -> None:
         self._backend_request = backends.check_name(name)
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """``torch.channels_last`` when the convolution weights are stored so (set with
+        ``model.to(memory_format=...)``), else ``torch.contiguous_format``."""
+        weight = self.Encoder1.conv[0].weight
+        if not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        return torch.contiguous_format
+
     # ----------------------------------------------------------------------------------- checks
-    def _check_inputs(self, A: torch.Tensor, B: torch.Tensor) -> None:
+    def _check_inputs(self, A: torch.Tensor, B: torch.Tensor, check_finite: bool) -> None:
         for name, t in (("A", A), ("B", B)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -113,9 +128,10 @@ class MSIDTrans(nn.Module):
             raise TypeError(f"A and B must have the same dtype, got {A.dtype} and {B.dtype}")
         if A.device != B.device:
             raise ValueError(f"A and B must be on the same device, got {A.device} and {B.device}")
-        for name, t in (("A", A), ("B", B)):
-            if t.device.type != "meta" and not torch.isfinite(t).all():
-                raise ValueError(f"{name} contains NaN or infinite values")
+        if check_finite and not _capturing(A):
+            for name, t in (("A", A), ("B", B)):
+                if t.device.type != "meta" and not torch.isfinite(t).all():
+                    raise ValueError(f"{name} contains NaN or infinite values")
 
     def _attention_permutations(self, q_perms) -> list[tuple[int, ...]]:
         if q_perms is None:
@@ -130,7 +146,8 @@ class MSIDTrans(nn.Module):
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, A: torch.Tensor, B: torch.Tensor,
-                q_perms: Sequence[Permutation] | None = None) -> torch.Tensor:
+                q_perms: Sequence[Permutation] | None = None, *,
+                check_finite: bool = True) -> torch.Tensor:
         """Decision map of a pair.
 
         Args:
@@ -139,11 +156,19 @@ class MSIDTrans(nn.Module):
                 t0 layer 1, tu1, tu2): group g pairs the queries of scale ``perm[g]`` with the
                 keys/values of scale g. Default: identity in eval mode, random (torch's RNG) per
                 call in train mode.
+            check_finite: raise ``ValueError`` on NaN/Inf inputs. The check reads the values back
+                (a device sync), so it runs in eager calls only: never while ``torch.compile``
+                traces or a CUDA graph captures. Callers that validated their inputs (``fuse``
+                does, on the host) pass False.
 
         Returns:
             D, (b, 1, H, W) in (0, 1): where D is high, A is the sharp source.
         """
-        self._check_inputs(A, B)
+        self._check_inputs(A, B, check_finite)
+        # The weights' layout decides the activations' (channels_last on the CPU, see
+        # weights.preferred_memory_format), whatever the inputs' layout: same results either way.
+        layout = self.memory_format
+        A, B = A.contiguous(memory_format=layout), B.contiguous(memory_format=layout)
         perms = self._attention_permutations(q_perms)
         backend = backends.resolve_backend(self._backend_request, A.device)
         H, W = A.shape[-2:]

@@ -10,7 +10,7 @@ Every module takes and returns NCHW tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +22,76 @@ from .backends import ATTENTION_IMPLS
 Permutation = Sequence[int]
 
 
+def _source_key(t: torch.Tensor) -> tuple:
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+
+
+def cached(owner: nn.Module, name: str, sources: Sequence[torch.Tensor],
+           compute: Callable[[], object], *extra) -> object:
+    """``compute()``: a value derived from parameters and buffers, once per weights version.
+
+    The value is kept on ``owner`` under ``name`` and keyed on the identity, storage, version
+    counter, dtype and device of every tensor in ``sources`` (plus ``extra``), so an in-place
+    update (an optimizer step, ``load_state_dict``, ``copy_``) or a move with ``.to()`` recomputes
+    it. It is computed afresh, inside the autograd graph, whenever a gradient could flow to a
+    source, and while ``torch.compile`` traces (the compiler sees the plain computation).
+    Cached values are ordinary tensors made outside ``inference_mode`` without a graph, so they
+    serve ``no_grad`` and ``inference_mode`` calls alike.
+    """
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in sources) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+        return compute()
+    key = (*(_source_key(t) for t in sources), *extra)
+    store = owner.__dict__.setdefault("_derived_cache", {})
+    entry = store.get(name)
+    if entry is None or entry[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            entry = store[name] = (key, compute())
+    return entry[1]
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """16-bit weights to float32 for folding (rounded once, at the end); others unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``conv`` with eval-mode ``bn`` folded in, in ``conv.weight``'s dtype.
+
+    Low-precision weights are folded in float32 and rounded once at the end.
+    """
+    dtype = conv.weight.dtype
+    scale = _up(bn.weight) * torch.rsqrt(_up(bn.running_var) + bn.eps)
+    weight = _up(conv.weight) * scale.view(-1, 1, 1, 1)
+    shift = _up(bn.bias) - _up(bn.running_mean) * scale
+    bias = shift if conv.bias is None else _up(conv.bias) * scale + shift
+    return weight.to(dtype), bias.to(dtype)
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(conv(x))``; in eval mode as one convolution with BatchNorm folded into its weights."""
+    """``bn(conv(x))``; in eval mode one convolution with BatchNorm folded into its weights
+    (folded once per weights version, see :func:`cached`)."""
     if bn.training:
         return bn(conv(x))
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    shift = bn.bias - bn.running_mean * scale
-    bias = shift if conv.bias is None else conv.bias * scale + shift
+    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        sources.append(conv.bias)
+    weight, bias = cached(bn, "folded", sources, lambda: fold_bn(conv, bn))
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _in_place() -> bool:
+    """Whether activations may be overwritten: only where autograd records nothing (less memory,
+    no fresh allocation)."""
+    return not torch.is_grad_enabled()
+
+
 def conv_bn_mish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    return F.mish(conv_bn(x, conv, bn))
+    return F.mish(conv_bn(x, conv, bn), inplace=_in_place())
 
 
 def conv_bn_mish_block(cin: int, cout: int, kernel: int = 3, bias: bool = True) -> nn.Sequential:
@@ -72,6 +129,14 @@ class ChannelLayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and \
+                x.is_contiguous(memory_format=torch.channels_last):
+            # Channels innermost: a LayerNorm over the last axis of the (b, H, W, C) view, one
+            # fused kernel instead of the reference's nine element-wise passes.
+            c = x.shape[1]
+            y = F.layer_norm(x.permute(0, 2, 3, 1), (c,), self.g.reshape(c), self.b.reshape(c),
+                             self.eps)
+            return y.permute(0, 3, 1, 2)
         return reference.channel_layer_norm(x, self.g, self.b, self.eps)
 
 
@@ -112,8 +177,9 @@ class ParallelBlock(nn.Module):
         self.branch3 = nn.Conv2d(dim, dim, 7, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.mish(self.branch1(x)), F.mish(self.branch2(x)),
-                          F.mish(self.branch3(x))], dim=1)
+        inplace = _in_place()
+        return torch.cat([F.mish(self.branch1(x), inplace), F.mish(self.branch2(x), inplace),
+                          F.mish(self.branch3(x), inplace)], dim=1)
 
 
 class MSSEModule(_WaveletHighLayer):
@@ -138,10 +204,47 @@ class MSSEModule(_WaveletHighLayer):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = conv_bn_mish(x, self.conv[0], self.conv[1])
         pre_attention = conv_bn_mish(t, self.conv[3], self.conv[4])
-        t = self.attention(pre_attention) + self.residual(x)
-        t = self.parallel(t) + self.skip_connection(x)
-        low, high = self._split(self.channel_splitter(t))
+        if _in_place():
+            t = self.attention(pre_attention).add_(self.residual(x))
+            t = self._split_parallel(t, x)
+        else:
+            t = self.attention(pre_attention) + self.residual(x)
+            t = self.channel_splitter(self.parallel(t) + self.skip_connection(x))
+        low, high = self._split(t)
         return low, high, pre_attention
+
+    def _split_parallel(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``channel_splitter(parallel(t) + skip_connection(x))`` without its two 3C-channel
+        tensors at full resolution (the largest activations of the network): the 1x1
+        ``channel_splitter`` is linear, so it is applied to each branch's C channels, and
+        ``skip_connection`` is folded into it. Inference only (no autograd)."""
+        split, skip, parallel = self.channel_splitter, self.skip_connection, self.parallel
+
+        def fold():
+            dtype = split.weight.dtype
+            ws = [part.contiguous()[..., None, None]                      # 3 x (C, C, 1, 1)
+                  for part in split.weight.flatten(1).chunk(3, dim=1)]
+            w = _up(split.weight.flatten(1))                              # (C, 3C)
+            wx = (w @ _up(skip.weight.flatten(1)))[..., None, None]       # (C, cin, 1, 1)
+            bx = w @ _up(skip.bias) + _up(split.bias)
+            return (*ws, wx.to(dtype), bx.to(dtype))
+
+        sources = [split.weight, split.bias, skip.weight, skip.bias]
+        w1, w2, w3, wx, bx = cached(self, "split_parallel", sources, fold)
+        out = F.conv2d(x, wx, bx)
+        for branch, w in zip((parallel.branch1, parallel.branch2, parallel.branch3),
+                             (w1, w2, w3), strict=True):
+            y = F.mish(branch(t), inplace=True)
+            if _channels_last(out) and _channels_last(y) and out.dtype == y.dtype:
+                # (b, H, W, C) rows: the 1x1 convolution accumulates into ``out`` as one GEMM,
+                # without a temporary of out's size (under autocast the weight is cast here,
+                # as the convolution would).
+                rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
+                rows.addmm_(y.permute(0, 2, 3, 1).view(-1, y.shape[1]),
+                            w.flatten(1).t().to(y.dtype))
+            else:
+                out.add_(F.conv2d(y, w))
+        return out
 
 
 class FSEModule(_WaveletHighLayer):

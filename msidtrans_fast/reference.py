@@ -34,7 +34,8 @@ def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if x.dim() != 4:
         raise ValueError(f"haar_split expects a (b, C, H, W) tensor, got shape {tuple(x.shape)}")
-    x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
     a = x[..., 0::2, 0::2]
     b = x[..., 0::2, 1::2]
     c = x[..., 1::2, 0::2]

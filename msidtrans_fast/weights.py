@@ -29,8 +29,9 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-#: dtype names accepted by :func:`resolve_dtype` and the command line.
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+#: dtype names accepted by :func:`resolve_dtype` and the command line ("auto": :func:`auto_dtype`).
+AUTO_DTYPE = "auto"
+DTYPE_NAMES = (AUTO_DTYPE, "float32", "float16", "bfloat16")
 
 UNTRAINED_MESSAGE = ("the bundled weights file msidtrans_fast/data/msidtrans_weights.pt is "
                      "missing from this installation: the model is UNTRAINED (random weights), "
@@ -69,8 +70,64 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """The compute dtype: None means float32; names as in :data:`DTYPE_NAMES` or fp32/fp16/bf16.
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles).
+
+    Without either, torch emulates bf16 arithmetic in fp32 and bf16 runs slower than fp32.
+    """
+    import torch.cpu
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    found = [getattr(torch.cpu, name)() for name in checks if hasattr(torch.cpu, name)]
+    if found:
+        return any(found)
+    try:  # older torch: the kernel's flags (Linux)
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+#: Whether bfloat16 decisions agree with float32 ones for the bundled network (measured with
+#: ``tools/dtype_agreement.py`` on the dev sets, table in docs/fusing.md, "Precision"): on MFFW
+#: they do not (up to 6.4% of a pair's pixels decided differently, Q_CB 0.588 -> 0.537), so
+#: ``"auto"`` keeps float32 even where bf16 is native.
+BF16_AGREES = False
+
+
+def auto_dtype(device: str | torch.device) -> torch.dtype:
+    """The compute dtype ``"auto"`` picks for ``device``.
+
+    bfloat16 where the device computes it natively (a CUDA device with bf16 support; a CPU with
+    AVX512-BF16 or AMX) and its decisions agree with float32 (:data:`BF16_AGREES`); float32
+    otherwise. ``dtype="bfloat16"`` asks for bf16 regardless.
+    """
+    device = torch.device(device)
+    if not BF16_AGREES:
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_native_bf16() else torch.float32
+    return torch.float32
+
+
+def preferred_memory_format(device: str | torch.device) -> torch.memory_format:
+    """Layout of the weights (and so of the activations) on ``device``: ``channels_last`` on the
+    CPU, where oneDNN's convolutions and the element-wise work run faster in it (measured in
+    benchmarks/RESULTS.md); the default contiguous layout elsewhere (the Triton kernels on CUDA
+    read channel-major tensors)."""
+    if torch.device(device).type == "cpu":
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def resolve_dtype(dtype: str | torch.dtype | None,
+                  device: str | torch.device | None = None) -> torch.dtype:
+    """The compute dtype: None means float32; ``"auto"`` is :func:`auto_dtype` of ``device``
+    (default: :func:`resolve_device`'s choice); names as in :data:`DTYPE_NAMES` or fp32/fp16/bf16.
 
     Raises:
         ValueError: an unknown or non-floating dtype.
@@ -82,6 +139,8 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
             raise ValueError(f"unsupported dtype {dtype} (use one of {', '.join(DTYPE_NAMES)})")
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
+    if name == AUTO_DTYPE:
+        return auto_dtype(resolve_device(device))
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPE_NAMES)})")
     return _DTYPES[name]
@@ -171,15 +230,17 @@ def load_model(weights: str | os.PathLike | None = None, device: str | torch.dev
         weights: a checkpoint path (see :func:`load_state_dict`), loaded with ``strict=True``;
             ``None`` uses the bundled weights, or an untrained model (with an
             :class:`UntrainedWeightsWarning`) when that file is missing.
-        device: see :func:`resolve_device`. dtype: see :func:`resolve_dtype` (float16 only on
-            CUDA, see :func:`check_dtype_on_device`).
+        device: see :func:`resolve_device`. dtype: see :func:`resolve_dtype` ("auto" for this
+            device's :func:`auto_dtype`; float16 only on CUDA, see :func:`check_dtype_on_device`).
+
+    The weights take :func:`preferred_memory_format` of the device.
 
     Raises:
         FileNotFoundError, ValueError: missing or unreadable file, a checkpoint of another
             architecture (the message lists what does not match), a bad device or dtype.
     """
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, dev)
     check_dtype_on_device(dt, dev)
     model = _untrained_model()
     path = Path(weights) if weights is not None else BUNDLED_WEIGHTS
@@ -188,7 +249,7 @@ def load_model(weights: str | os.PathLike | None = None, device: str | torch.dev
     else:
         state = load_state_dict(path)
         _load_strict(model, state, path)
-    return model.to(device=dev, dtype=dt).eval()
+    return model.to(device=dev, dtype=dt, memory_format=preferred_memory_format(dev)).eval()
 
 
 def _load_strict(model: MSIDTrans, state: dict[str, torch.Tensor], path: Path) -> None:
