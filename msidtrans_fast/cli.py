@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute precision: auto (default: bfloat16 where the device computes it "
                         "natively and agrees with float32, else float32: float32 today), float32 "
                         "(exact), bfloat16, or float16 (CUDA only); e.g. --dtype bfloat16")
+    p.add_argument("--tile", default="auto", metavar="auto|off|N",
+                   help="how the decision map is computed: auto (default: the whole image at once "
+                        "up to 1024x1024 pixels, tiles of 256 px above), off (always the whole "
+                        "image; refused when it would not fit in memory) or N, tiles of N pixels "
+                        "(>= 64), e.g. --tile 384")
+    p.add_argument("--tile-overlap", default=None, metavar="M",
+                   help="least overlap of neighbouring tiles in pixels, 0 to half the tile "
+                        "(default 32), e.g. --tile-overlap 64")
     p.add_argument("--threshold", default="0.001", metavar="FRACTION",
                    help="consistency check: regions smaller than FRACTION of the image are merged "
                         "into their surroundings (0 disables it; default 0.001 as the original), "
@@ -256,6 +264,7 @@ def check_jobs(jobs: list[Job], overwrite: bool, out_dir: Path | None, options=N
         if job.output.suffix.lower() in mio.JPEG_SUFFIXES and arrays[0].dtype != "uint8":
             raise BadInput(f"JPEG holds 8-bit images only; these sources are 16-bit: write "
                            f"{job.output.with_suffix('.png')} or .tif instead")
+        job.shape = arrays[0].shape[:2]
         if options is not None and options.align is not None:
             sources = mio.load_sources(arrays)
             _estimate_alignment(job, sources, options, names)
@@ -313,27 +322,74 @@ def _oom_advice(device, dtype, shape) -> str:
         ", or ".join(tips)
 
 
+def available_memory(device) -> int | None:
+    """Bytes free on a CUDA device, or available main memory for the CPU (None if unknown)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 def _check_memory(decider, shape, stderr) -> None:
     """Refuses before running when a CUDA device clearly lacks the memory the decision stage
     says it needs for ``shape`` = (H, W) (warns on the CPU)."""
-    import torch
-
     device = decider.device
     need = decider.memory_needed(*shape)
+    free = available_memory(device)
+    if free is None or need <= free:
+        return
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if need > free:
-            raise MemoryError(f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
-    elif device.type == "cpu":
+        raise MemoryError(f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+    print(f"{PROG}: warning: {shape[1]}x{shape[0]} images may need about "
+          f"{need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB available", file=stderr)
+
+
+def _refuse_whole_if_too_big(decider, jobs) -> None:
+    """``--tile off``: refuses, before any work, sizes whose whole-image run would not fit."""
+    from .tiling import DEFAULT_TILE
+
+    free = available_memory(decider.device)
+    for h, w in dict.fromkeys(job.shape for job in jobs):
+        need = decider.memory_needed(h, w)
+        if free is not None and need > free:
+            raise BadInput(f"--tile off: the whole {w}x{h} image needs about {need / 2**30:.1f} "
+                           f"GiB, {free / 2**30:.1f} GiB available on {decider.device}; use "
+                           f"--tile auto (tiles of {DEFAULT_TILE} px)")
+
+
+def _parse_tile(args) -> tuple:
+    """(tile, overlap) for FuseOptions from --tile and --tile-overlap; BadInput when invalid."""
+    from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, MIN_TILE
+
+    tile = args.tile.strip().lower()
+    if tile not in ("auto", "off"):
         try:
-            with open("/proc/meminfo") as f:
-                info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-            free = info["MemAvailable"]
-        except (OSError, KeyError, ValueError, IndexError):
-            return
-        if need > free:
-            print(f"{PROG}: warning: {shape[1]}x{shape[0]} images may need about "
-                  f"{need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB available", file=stderr)
+            tile = int(tile)
+        except ValueError:
+            tile = None
+        if tile is None or tile < MIN_TILE:
+            raise BadInput(f"--tile must be auto, off or a tile side in pixels (>= {MIN_TILE}), "
+                           f"got {args.tile!r}")
+    if args.tile_overlap is None:
+        return tile, DEFAULT_OVERLAP
+    try:
+        overlap = int(args.tile_overlap)
+    except ValueError:
+        raise BadInput(f"--tile-overlap must be a whole number of pixels, got "
+                       f"{args.tile_overlap!r}") from None
+    limit = (tile if isinstance(tile, int) else DEFAULT_TILE) // 2
+    if not 0 <= overlap <= limit:
+        raise BadInput(f"--tile-overlap must be between 0 and half the tile ({limit}), got "
+                       f"{args.tile_overlap}")
+    return tile, overlap
 
 
 @dataclass(frozen=True)
@@ -397,13 +453,15 @@ def run(args, stdout, stderr) -> int:
 
     if args.overwrite and args.skip_existing:
         raise BadInput("give either --overwrite or --skip-existing, not both")
+    tile, overlap = _parse_tile(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         jobs, out_dir = plan_jobs(args)
     _print_warnings(caught, stderr)
     options = FuseOptions(device=device, dtype=dtype, threshold=threshold,
                           decision_rule=args.decision_rule, align=args.align,
-                          align_crop=args.align_crop, align_fallback=args.align_fallback)
+                          align_crop=args.align_crop, align_fallback=args.align_fallback,
+                          tile=tile, tile_overlap=overlap)
     if args.weights is not None and not Path(args.weights).is_file():
         raise BadInput(f"weights file not found: {args.weights}")
 
@@ -433,6 +491,8 @@ def run(args, stdout, stderr) -> int:
         except (OSError, ValueError) as e:
             raise BadInput(str(e)) from None
     _print_warnings(caught, stderr)
+    if tile == "off":
+        _refuse_whole_if_too_big(decider, jobs)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -485,13 +545,14 @@ def _read_job(job: Job) -> list:
 
 
 def _write_job(job: Job, result, arrays: list, overwrite: bool) -> None:
-    """The write stage for one job: the fused image and, if asked, its decision map and the
-    sources as the network saw them."""
+    """The write stage for one job: the fused image, with the first source's EXIF and colour
+    profile, and, if asked, its decision map and the sources as the network saw them."""
     from . import io as mio
     from .pipeline import decision_map_image
 
     if job.output not in job.keep:
-        mio.write_image(job.output, result.image, overwrite=overwrite)
+        mio.write_image(job.output, result.image, overwrite=overwrite,
+                        metadata=mio.read_metadata(job.sources[0]))
     if job.dm_output is not None and job.dm_output not in job.keep:
         dm = decision_map_image(result.decision_map(len(arrays)), len(arrays))
         mio.write_image(job.dm_output, dm, overwrite=overwrite)
@@ -520,10 +581,20 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, s
     start = time.perf_counter()
     total = len(jobs) if total is None else total
     stack = len(jobs) == 1 and len(jobs[0].sources) > 2
-    bar = tqdm(total=stack_runs(len(jobs[0].sources)) if stack else len(jobs),
-               unit="pair" if stack else "image",
-               disable=args.quiet or shard.rank > 0 or (total == 1 and not stack), file=stderr,
-               dynamic_ncols=True)
+    tiles = getattr(decider, "tiles", lambda h, w: 1)
+    # one fusion cut into tiles: the bar counts tiles; a stack: pairs; a dataset: images
+    by_tile = len(jobs) == 1 and tiles(*jobs[0].shape) > 1
+    if by_tile:
+        bar_total, unit = stack_runs(len(jobs[0].sources)) * tiles(*jobs[0].shape), "tile"
+    elif stack:
+        bar_total, unit = stack_runs(len(jobs[0].sources)), "pair"
+    else:
+        bar_total, unit = len(jobs), "image"
+    bar = tqdm(total=bar_total, unit=unit,
+               disable=args.quiet or shard.rank > 0 or (total == 1 and not stack and not by_tile),
+               file=stderr, dynamic_ncols=True)
+    if hasattr(decider, "progress"):
+        decider.progress = bar.update if by_tile else None
     device, dtype = options.device, options.dtype  # resolved by run()
     job, shape = (jobs[0] if jobs else None), None
     pool = (ThreadPoolExecutor(IO_THREADS, thread_name_prefix="msidtrans-io") if IO_THREADS > 0
@@ -541,13 +612,13 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, s
                 job_options = replace(options, align=None, align_crop=False,
                                       align_fallback=False) if job.unaligned else options
                 result = fuse_sources(arrays, decider, job_options,
-                                      progress=bar.update if stack else None,
+                                      progress=bar.update if stack and not by_tile else None,
                                       names=[str(s) for s in job.sources],
                                       alignments=job.alignments)
                 writes.append(pool.submit(_write_job, job, result, arrays, args.overwrite))
                 while len(writes) > 2 or (writes and writes[0].done()):
                     writes.popleft().result()
-                if not stack:
+                if not stack and not by_tile:
                     bar.update()
             while writes:
                 writes.popleft().result()
@@ -587,8 +658,20 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, s
         if str(args.dtype).lower() == AUTO_DTYPE:
             precision += ", picked by --dtype auto"
         rate = f", {total / elapsed:.2f} pairs/s" if out_dir is not None and not stack else ""
-        print(f"{what} in {elapsed:.1f} s on {device} ({precision}){rate}", file=stdout)
+        print(f"{what} in {elapsed:.1f} s on {device} ({precision}; "
+              f"{_path_note(decider, jobs)}){rate}", file=stdout)
     return EXIT_OK
+
+
+def _path_note(decider, jobs) -> str:
+    """Which decision path ran, for the closing line."""
+    describe = getattr(decider, "describe", None)
+    if describe is None:
+        return "whole image"
+    if len(jobs) == 1:
+        return describe(*jobs[0].shape)
+    tiled = sum(decider.tile_for(*job.shape) is not None for job in jobs)
+    return f"{tiled} of {len(jobs)} images tiled" if tiled else "whole images"
 
 
 def _bare_align(argv: list[str]) -> list[str]:

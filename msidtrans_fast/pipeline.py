@@ -12,8 +12,10 @@ fusion the stages are:
 3. **decision map** (a :class:`Decider`, made by :func:`make_decider`): for a pair (a, b), the
    network's soft map D, (H, W) float32 in [0, 1], large where ``a`` is sharp. The pixels enter
    the network as RGB in [-1, 1] (value / 255 or / 65535, gray replicated, then mean 0.5 / std 0.5)
-   at full resolution, batch 1, eval mode, under ``torch.inference_mode``
-   (:class:`WholeImageDecider`);
+   in eval mode, under ``torch.inference_mode``: at full resolution, batch 1
+   (:class:`WholeImageDecider`, the original's way), or on overlapping tiles blended into one map
+   (:class:`msidtrans_fast.tiling.TiledDecider`, for large camera frames; ``tile="auto"`` keeps
+   the whole-image path up to :data:`msidtrans_fast.tiling.AUTO_WHOLE_MAX_PIXELS`);
 4. **binarise** (:func:`binarise`): ``D > 0.5``; the decision rule (``options.decision_rule``:
    ``"original"`` adds nothing, ``"flat"`` gives each flat region one source, see
    :mod:`msidtrans_fast.decision`); then the consistency check on the whole map: with
@@ -55,6 +57,7 @@ import torch
 from . import align as _align
 from . import decision as _decision
 from . import io as _io
+from . import tiling as _tiling
 from . import weights as _weights
 from .model import MSIDTrans
 
@@ -113,15 +116,23 @@ class FuseOptions:
         align_fallback: when a source cannot be aligned, warn (:class:`AlignmentWarning`) and
             fuse the sources unaligned instead of raising
             :class:`~msidtrans_fast.align.AlignmentError`.
+        tile: how the decision map is computed: "auto" (the whole image at once up to
+            :data:`~msidtrans_fast.tiling.AUTO_WHOLE_MAX_PIXELS`, tiles of
+            :data:`~msidtrans_fast.tiling.DEFAULT_TILE` px above), None or "off" (always the
+            whole image), or a tile side in pixels (>= 64).
+        tile_overlap: least overlap of neighbouring tiles in pixels, 0 to half the tile.
 
     Raises:
-        ValueError: a threshold outside [0, 1), an unknown decision rule or alignment model
-            (device and dtype are checked when the network is loaded, by :func:`make_decider`).
+        ValueError: a threshold outside [0, 1), an unknown decision rule or alignment model, a
+            bad tile or overlap (device and dtype are checked when the network is loaded, by
+            :func:`make_decider`).
     """
 
     device: str | torch.device | None = None
     dtype: str | torch.dtype | None = None
     threshold: float = 0.001
+    tile: int | str | None = "auto"
+    tile_overlap: int = _tiling.DEFAULT_OVERLAP
     decision_rule: str = _decision.DEFAULT_RULE
     align: str | None = None
     align_crop: bool = False
@@ -132,6 +143,7 @@ class FuseOptions:
         t = self.threshold
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 <= t < 1:
             raise ValueError(f"threshold must be a number in [0, 1), got {t!r}")
+        _tiling.check_tile_option(self.tile, self.tile_overlap)
         if self.align is True:
             object.__setattr__(self, "align", "similarity")
         elif self.align is False:
@@ -289,7 +301,7 @@ def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
         FileNotFoundError: a weights file that does not exist.
     """
     if model is None:
-        return WholeImageDecider(get_model(weights, options.device, options.dtype))
+        return _decider(get_model(weights, options.device, options.dtype), options)
     if weights is not None:
         raise ValueError("pass either model or weights, not both")
     param = next(model.parameters())
@@ -300,7 +312,13 @@ def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
     if options.dtype not in (None, _weights.AUTO_DTYPE) and \
             _weights.resolve_dtype(options.dtype) != param.dtype:
         raise ValueError(f"dtype {options.dtype!r} differs from the model's dtype {param.dtype}")
-    return WholeImageDecider(model)
+    return _decider(model, options)
+
+
+def _decider(model: torch.nn.Module, options: FuseOptions) -> Decider:
+    if options.tile is None or options.tile == "off":
+        return WholeImageDecider(model)
+    return _tiling.TiledDecider(model, options.tile, options.tile_overlap)
 
 
 # ------------------------------------------------------------------------------ binarise stage
@@ -478,11 +496,15 @@ def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseO
 
 
 # ------------------------------------------------------------------------------------- the API
+_UNSET = object()
+
+
 def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module | None = None,
          weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, threshold: float | None = None,
          decision_rule: str | None = None, align: str | bool | None = None,
          align_crop: bool | None = None, align_fallback: bool | None = None,
+         tile=_UNSET, tile_overlap: int | None = None,
          return_decision_map: bool = False, progress: Callable[[], None] | None = None):
     """Fuses two or more images of one scene focused at different depths.
 
@@ -493,12 +515,14 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
             must share the bit depth; gray and RGB may be mixed (the result is then RGB). More
             than two sources form a focus stack: all are fused (see the module docstring).
         options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``,
-            ``decision_rule``, ``align``, ``align_crop``, ``align_fallback`` as keywords (not
-            both). Default threshold: 0.001, as the original; ``decision_rule="original"``
-            binarises as the original does; no alignment. ``align="similarity"`` (or
-            ``"affine"``, ``"homography"``) registers every source to the first before the
-            decision map (for handheld or refocused stacks); the output then has the first
-            source's size (``align_crop=True``: the area every source covers).
+            ``decision_rule``, ``align``, ``align_crop``, ``align_fallback``, ``tile``,
+            ``tile_overlap`` as keywords (not both). Default threshold: 0.001, as the original;
+            ``decision_rule="original"`` binarises as the original does; no alignment.
+            ``align="similarity"`` (or ``"affine"``, ``"homography"``) registers every source to
+            the first before the decision map (for handheld or refocused stacks); the output then
+            has the first source's size (``align_crop=True``: the area every source covers).
+            ``tile="auto"`` (default) runs the whole image up to 1024 x 1024 pixels and tiles
+            above; ``tile=None`` always runs the whole image, ``tile=N`` tiles of N px.
         model: an :class:`~msidtrans_fast.model.MSIDTrans` to use (put in eval mode for the call;
             inputs go to its device and dtype). Default: the bundled weights, loaded once and
             cached, on ``device`` in ``dtype``.
@@ -522,8 +546,10 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
     """
     fields = {k: v for k, v in (("device", device), ("dtype", dtype), ("threshold", threshold),
                                 ("decision_rule", decision_rule), ("align", align),
-                                ("align_crop", align_crop), ("align_fallback", align_fallback))
-              if v is not None}
+                                ("align_crop", align_crop), ("align_fallback", align_fallback),
+                                ("tile_overlap", tile_overlap)) if v is not None}
+    if tile is not _UNSET:
+        fields["tile"] = tile
     if options is None:
         options = FuseOptions(**fields)
     elif fields:

@@ -35,11 +35,11 @@ import torch
 #: network's four downsampling stages.
 MIN_TILE = 64
 #: Tile side (pixels) and overlap used by ``tile="auto"`` above :data:`AUTO_WHOLE_MAX_PIXELS`.
-DEFAULT_TILE = 512
-DEFAULT_OVERLAP = 64
-#: ``tile="auto"`` runs the whole image at once up to this many pixels, tiles above.
-AUTO_WHOLE_MAX_PIXELS = 1536 * 1024
-#: Activation memory one batch of tiles may take on the CPU (bytes): one 512-px tile in float32.
+DEFAULT_TILE = 256
+DEFAULT_OVERLAP = 32
+#: ``tile="auto"`` runs the whole image at once up to this many pixels (1024 x 1024), tiles above.
+AUTO_WHOLE_MAX_PIXELS = 1024 * 1024
+#: Activation memory one batch of tiles may take on the CPU (bytes).
 CPU_BATCH_BYTES = 1 << 30
 #: Most tiles in one network call.
 MAX_BATCH = 32
@@ -135,6 +135,18 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int = DEFAULT_OVERLA
 
 
 # ---------------------------------------------------------------------------------- the policy
+def check_tile_option(tile, overlap) -> None:
+    """Raises ValueError unless ``tile`` is "auto", "off", None or a side >= :data:`MIN_TILE`, and
+    ``overlap`` a whole number from 0 to half the tile (of :data:`DEFAULT_TILE` for "auto")."""
+    if tile is None or tile in ("off", "auto"):
+        check_tile(DEFAULT_TILE, overlap)
+    elif isinstance(tile, numbers.Integral) and not isinstance(tile, bool):
+        check_tile(int(tile), overlap)
+    else:
+        raise ValueError(f"tile must be 'auto', 'off', None or a tile side in pixels "
+                         f"(>= {MIN_TILE}), got {tile!r}")
+
+
 def resolve_tile(tile, height: int, width: int) -> int | None:
     """The tile side to use for an H x W pair, or None for the whole image at once.
 
@@ -216,32 +228,52 @@ def tiled_decision_map(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, *,
 
 
 class TiledDecider:
-    """The decision stage on tiles: ``decider(a, b)`` is :func:`tiled_decision_map` of the pair,
-    as a (H, W) float32 tensor on the model's device (the whole-image decider's contract).
+    """The decision stage on tiles (a :class:`msidtrans_fast.pipeline.Decider`): ``decider(a, b)``
+    is :func:`tiled_decision_map` of the pair, a (H, W) float32 tensor on the model's device.
 
-    ``progress(n)`` is called after each network call with the number of tiles it ran;
-    :meth:`tiles` says how many tiles one pair of a given size takes.
+    ``tile``: a tile side in pixels, or ``"auto"`` (:func:`resolve_tile`: images up to
+    :data:`AUTO_WHOLE_MAX_PIXELS` run as one tile covering the whole image, which is exactly the
+    whole-image decision map). ``progress``, an attribute that may be set after construction, is
+    called with the number of tiles finished after each network call.
     """
 
-    def __init__(self, model: torch.nn.Module, tile: int = DEFAULT_TILE,
+    def __init__(self, model: torch.nn.Module, tile: int | str = "auto",
                  overlap: int = DEFAULT_OVERLAP, batch: int | None = None,
                  progress: Callable[[int], object] | None = None):
-        check_tile(tile, overlap)
+        check_tile_option(tile, overlap)
+        if tile is None or tile == "off":
+            raise ValueError("TiledDecider needs a tile side or 'auto'")
         self.model, self.tile, self.overlap, self.batch = model, tile, overlap, batch
         self.progress = progress
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
+    def tile_for(self, height: int, width: int) -> int | None:
+        """The tile side used for an H x W pair, None when it runs whole."""
+        return resolve_tile(self.tile, height, width)
+
     def tiles(self, height: int, width: int) -> int:
-        """Tiles one H x W pair is cut into."""
-        return len(plan_tiles(height, width, self.tile, self.overlap))
+        """Network runs (tiles) one H x W pair takes."""
+        side = self.tile_for(height, width)
+        return 1 if side is None else len(plan_tiles(height, width, side, self.overlap))
+
+    def describe(self, height: int, width: int) -> str:
+        """How an H x W pair is run, for the closing line: "whole image" or the tile grid."""
+        side = self.tile_for(height, width)
+        if side is None:
+            return "whole image"
+        grid = plan_tiles(height, width, side, self.overlap)
+        return f"{len(grid)} tiles of {side} px, overlap {self.overlap}"
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        height, width = a.shape[:2]
+        side = self.tile_for(height, width) or max(height, width, MIN_TILE)
         was_training = self.model.training
         self.model.eval()
         try:
-            d = tiled_decision_map(self.model, a, b, tile=self.tile, overlap=self.overlap,
-                                   batch=self.batch, progress=self.progress)
+            d = tiled_decision_map(self.model, a, b, tile=side,
+                                   overlap=min(self.overlap, side // 2), batch=self.batch,
+                                   progress=self.progress)
         finally:
             self.model.train(was_training)
         return torch.from_numpy(d).to(self.device)
@@ -250,6 +282,9 @@ class TiledDecider:
         """Peak memory of one call (bytes): a batch of tiles in the network plus the map."""
         from .pipeline import estimate_memory
 
-        th, tw = min(self.tile, height), min(self.tile, width)
+        side = self.tile_for(height, width)
+        if side is None:
+            return estimate_memory(height, width, self.dtype) + 4 * height * width
+        th, tw = min(side, height), min(side, width)
         batch = self.batch or batch_size(th, tw, self.device, self.dtype)
         return batch * estimate_memory(th, tw, self.dtype) + 4 * height * width

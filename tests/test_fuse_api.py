@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from msidtrans_fast import fuse, io, pipeline, weights
+from msidtrans_fast import fuse, io, pipeline, tiling, weights
 from msidtrans_fast.ops import remove_small_regions
 
 H, W = 24, 32
@@ -275,7 +275,9 @@ def test_options_object_equals_keywords(contrast_model):
         fuse([a, b], options, model=contrast_model, threshold=0.05)
     with pytest.raises(ValueError, match="threshold"):
         pipeline.FuseOptions(threshold=1.0)
-    decider = pipeline.make_decider(options, model=contrast_model)
+    assert isinstance(pipeline.make_decider(options, model=contrast_model), tiling.TiledDecider)
+    whole = pipeline.FuseOptions(threshold=0.05, tile=None)
+    decider = pipeline.make_decider(whole, model=contrast_model)
     assert isinstance(decider, pipeline.WholeImageDecider)
     assert decider.memory_needed(1000, 1000) > decider.memory_needed(100, 100) > 0
     d = decider(io.load_sources([a, b])[0], io.load_sources([a, b])[1])

@@ -83,8 +83,9 @@ def test_one_tile_equals_whole_image(model):
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
-    whole = model(pipeline.to_network_input(a, torch.device("cpu"), torch.float32),
-                  pipeline.to_network_input(b, torch.device("cpu"), torch.float32))
+    with torch.inference_mode():  # as the decision stages run it
+        whole = model(pipeline.to_network_input(a, torch.device("cpu"), torch.float32),
+                      pipeline.to_network_input(b, torch.device("cpu"), torch.float32))
     for tile in (90, 128, 1000):  # exactly the image, and larger than it
         d = tiling.tiled_decision_map(model, a, b, tile=tile, overlap=32)
         np.testing.assert_array_equal(d, whole[0, 0].detach().numpy())

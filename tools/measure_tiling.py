@@ -18,6 +18,7 @@ reported. Usage::
     python tools/measure_tiling.py devsets --tile 256 --overlap 64 [--limit N]
     python tools/measure_tiling.py truth --split report --tile 256 --overlap 64 [--limit N]
     python tools/measure_tiling.py mosaic --split select --grid 2x2 --configs 256:32 512:64
+    python tools/measure_tiling.py seam --tile 256 --overlap 32   # docs/images/tile_seam.png
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msidtrans_fast import metrics, pipeline, tiling
+from msidtrans_fast import io, metrics, pipeline, tiling
 from msidtrans_fast.ops import remove_small_regions
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -72,20 +73,20 @@ def nyu_triplets(split: str, limit: int | None):
     for gt in files:
         k = int(re.findall(r"\d+", gt.name)[-1])
         if k % 2 == keep:
-            out.append(tuple(pipeline.as_source_array(root / d / gt.name) for d in
+            out.append(tuple(io.as_source_array(root / d / gt.name) for d in
                              ("sourceA", "sourceB", "groundtruth")))
     return out[:limit]
 
 
 def devsets(model, args):
-    for name in ("MFFW", "Grayscale"):
+    for name in args.sets:
         root = DATA / "dev_eval" / name
         pairs = list(zip(sorted((root / "sourceA").iterdir()),
                          sorted((root / "sourceB").iterdir()), strict=True))
         pairs = pairs[::args.every][:args.limit]
         rows = []
         for pa, pb in pairs:
-            a, b = pipeline.as_source_array(pa), pipeline.as_source_array(pb)
+            a, b = io.as_source_array(pa), io.as_source_array(pb)
             if a.shape[-1] != b.shape[-1]:
                 a, b = (np.repeat(x, 3, -1) if x.shape[-1] == 1 else x for x in (a, b))
             fw, mw = finish(soft_whole(model, a, b), a, b)
@@ -127,24 +128,57 @@ def mosaic(model, args):
                 for k in range(3))
     h, w = a.shape[:2]
     print(f"mosaic {args.grid} of split {args.split}: {w}x{h} ({h * w / 1e6:.2f} MP)", flush=True)
-    results = {}
+    ref = None
     if not args.no_whole:
         d, cpu = timed(soft_whole, model, a, b)
-        results["whole"] = (finish(d, a, b), cpu, 1)
+        ref = _mosaic_row("whole", finish(d, a, b), gt, cpu, 1, None)
     for config in args.configs:
         t, o = (int(v) for v in config.split(":"))
         d, cpu = timed(tiling.tiled_decision_map, model, a, b, tile=t, overlap=o)
-        results[config] = (finish(d, a, b), cpu, len(tiling.plan_tiles(h, w, t, o)))
-    ref_mask = results["whole"][0][1] if "whole" in results else None
-    for name, ((fused, mask), cpu, n) in results.items():
-        differ = "" if ref_mask is None else f"{100 * float((mask != ref_mask).mean()):.2f}%"
-        print(f"| {name} | {n} | {metrics.psnr(fused, gt):.2f} | {metrics.ssim(fused, gt):.4f} | "
-              f"{differ} | {cpu:.0f} |", flush=True)
+        _mosaic_row(config, finish(d, a, b), gt, cpu, len(tiling.plan_tiles(h, w, t, o)), ref)
+
+
+def _mosaic_row(name, fused_mask, gt, cpu, tiles, ref_mask):
+    fused, mask = fused_mask
+    differ = "" if ref_mask is None else f"{100 * float((mask != ref_mask).mean()):.2f}%"
+    print(f"| {name} | {tiles} | {metrics.psnr(fused, gt):.2f} | {metrics.ssim(fused, gt):.4f} | "
+          f"{differ} | {cpu:.0f} |", flush=True)
+    return mask
+
+
+def seam(model, args):
+    """A picture of a tile corner: the soft-map difference to the whole-image map, blended (the
+    default window) and with hard cuts (overlap 0), amplified ``--gain`` times."""
+    from PIL import Image
+
+    a, b, _ = nyu_triplets(args.split, args.limit or 1)[-1]
+    h, w = a.shape[:2]
+    whole = soft_whole(model, a, b)
+    blended = tiling.tiled_decision_map(model, a, b, tile=args.tile, overlap=args.overlap)
+    cut = tiling.tiled_decision_map(model, a, b, tile=args.tile, overlap=0)
+    grid = tiling.plan_tiles(h, w, args.tile, args.overlap)
+    # the corner shared by the first tiles: middle of the strip tiles (0, 0) and (1, 1) share
+    cy = (grid.ys[1] + grid.tile_h) // 2 if len(grid.ys) > 1 else h // 2
+    cx = (grid.xs[1] + grid.tile_w) // 2 if len(grid.xs) > 1 else w // 2
+    r = args.crop // 2
+    y0, x0 = max(0, min(h - args.crop, cy - r)), max(0, min(w - args.crop, cx - r))
+    box = np.s_[y0:y0 + args.crop, x0:x0 + args.crop]
+    panels = [np.repeat(np.abs(d - whole)[box][..., None] * args.gain * 255, 3, -1)
+              for d in (blended, cut)]
+    source = np.asarray(a[box][..., :3], dtype=np.float64)
+    gap = np.full((args.crop, 4, 3), 255.0)
+    picture = np.concatenate([source, gap, panels[0], gap, panels[1]], 1)
+    Image.fromarray(np.clip(picture, 0, 255).round().astype(np.uint8)).save(args.out)
+    for name, d in (("blended", blended), ("hard cuts", cut)):
+        diff = np.abs(d - whole)
+        print(f"{name}: max |D - D_whole| {diff.max():.4f}, mean {diff.mean():.5f}, in the crop "
+              f"max {diff[box].max():.4f}", flush=True)
+    print(f"wrote {args.out}: crop {args.crop} px at ({x0}, {y0}) of {w}x{h}, gain {args.gain}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("devsets", "truth", "mosaic"))
+    p.add_argument("mode", choices=("devsets", "truth", "mosaic", "seam"))
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=int, default=tiling.DEFAULT_OVERLAP)
     p.add_argument("--split", choices=("select", "report"), default="report")
@@ -155,10 +189,14 @@ def main() -> None:
     p.add_argument("--no-whole", action="store_true", help="mosaic: skip the whole-image run")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--every", type=int, default=1, help="devsets: every k-th pair")
+    p.add_argument("--sets", nargs="*", default=["MFFW", "Grayscale"], help="devsets: which sets")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--crop", type=int, default=160, help="seam: crop side in pixels")
+    p.add_argument("--gain", type=float, default=10.0, help="seam: difference amplification")
+    p.add_argument("--out", default="docs/images/tile_seam.png", help="seam: picture to write")
     args = p.parse_args()
     model = pipeline.get_model(None, "cpu", args.dtype)
-    {"devsets": devsets, "truth": truth, "mosaic": mosaic}[args.mode](model, args)
+    {"devsets": devsets, "truth": truth, "mosaic": mosaic, "seam": seam}[args.mode](model, args)
 
 
 if __name__ == "__main__":
