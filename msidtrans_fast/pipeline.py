@@ -232,7 +232,7 @@ def to_network_input(array: np.ndarray, device: torch.device, dtype: torch.dtype
     CPU, and the source's own interleaved layout): one conversion to float32 and two in-place
     passes, ``(x / scale - 0.5) / 0.5`` as the original.
     """
-    x = torch.from_numpy(array).to(device=device, dtype=torch.float32, copy=True)
+    x = torch.tensor(array, dtype=torch.float32, device=device)  # a copy, read-only arrays too
     x = x.div_(_pixel_scale(array.dtype)).sub_(0.5).div_(0.5)
     if x.shape[-1] == 1:
         x = x.expand(-1, -1, 3).contiguous()
