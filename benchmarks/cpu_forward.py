@@ -113,7 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=520, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=["fp32"], choices=MODES,
+                        help="what to run (default: fp32)")
     args = parser.parse_args()
     runners = {mode: make_runner(mode, args.size) for mode in args.modes}
     for run in runners.values():  # warm-up: first-call allocations and caches

@@ -206,18 +206,17 @@ class MSSEModule(_WaveletHighLayer):
         pre_attention = conv_bn_mish(t, self.conv[3], self.conv[4])
         if _in_place():
             t = self.attention(pre_attention).add_(self.residual(x))
-            t = self._split_parallel(t, x)
         else:
             t = self.attention(pre_attention) + self.residual(x)
-            t = self.channel_splitter(self.parallel(t) + self.skip_connection(x))
-        low, high = self._split(t)
+        low, high = self._split(self._split_parallel(t, x))
         return low, high, pre_attention
 
     def _split_parallel(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``channel_splitter(parallel(t) + skip_connection(x))`` without its two 3C-channel
         tensors at full resolution (the largest activations of the network): the 1x1
         ``channel_splitter`` is linear, so it is applied to each branch's C channels, and
-        ``skip_connection`` is folded into it. Inference only (no autograd)."""
+        ``skip_connection`` is folded into it. The same arithmetic with and without autograd
+        (only the in-place updates differ), so both give the same numbers."""
         split, skip, parallel = self.channel_splitter, self.skip_connection, self.parallel
 
         def fold():
@@ -231,19 +230,26 @@ class MSSEModule(_WaveletHighLayer):
 
         sources = [split.weight, split.bias, skip.weight, skip.bias]
         w1, w2, w3, wx, bx = cached(self, "split_parallel", sources, fold)
+        inplace = _in_place()
         out = F.conv2d(x, wx, bx)
         for branch, w in zip((parallel.branch1, parallel.branch2, parallel.branch3),
                              (w1, w2, w3), strict=True):
-            y = F.mish(branch(t), inplace=True)
+            y = F.mish(branch(t), inplace=inplace)
             if _channels_last(out) and _channels_last(y) and out.dtype == y.dtype:
                 # (b, H, W, C) rows: the 1x1 convolution accumulates into ``out`` as one GEMM,
-                # without a temporary of out's size (under autocast the weight is cast here,
-                # as the convolution would).
-                rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
-                rows.addmm_(y.permute(0, 2, 3, 1).view(-1, y.shape[1]),
-                            w.flatten(1).t().to(y.dtype))
+                # in place without autograd (no temporary of out's size); under autocast the
+                # weight is cast here, as the convolution would.
+                b, c, h, wd = out.shape
+                rows = out.permute(0, 2, 3, 1).reshape(-1, c)
+                args = (y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]),
+                        w.flatten(1).t().to(y.dtype))
+                if inplace:
+                    rows.addmm_(*args)
+                else:
+                    out = torch.addmm(rows, *args).view(b, h, wd, c).permute(0, 3, 1, 2)
             else:
-                out.add_(F.conv2d(y, w))
+                term = F.conv2d(y, w)
+                out = out.add_(term) if inplace else out + term
         return out
 
 
