@@ -36,11 +36,21 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 @pytest.fixture
-def kernel_device(monkeypatch) -> torch.device:
+def kernel_device():
     """The device of the Triton kernel tests' tensors (see the module docstring). On CUDA, TF32
-    is switched off for the test so that fp32 references (convolutions, matmuls) stay fp32."""
-    if KERNEL_DEVICE == "cuda" and not torch.cuda.is_available():
+    is switched off for the test so that fp32 references (convolutions, matmuls) stay fp32.
+
+    The flags are saved and restored by hand: pytest's monkeypatch cannot patch torch's
+    ``torch.backends.cuda.matmul`` on newer releases, whose attributes are computed."""
+    if KERNEL_DEVICE != "cuda":
+        yield torch.device(KERNEL_DEVICE)
+        return
+    if not torch.cuda.is_available():
         pytest.skip("TRITON_INTERPRET is off and there is no CUDA GPU: the kernels cannot run")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    return torch.device(KERNEL_DEVICE)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield torch.device(KERNEL_DEVICE)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
