@@ -44,8 +44,6 @@ def extension_modules():
             os.environ["TORCH_CUDA_ARCH_LIST"] = plan.arch_list
     from torch.utils import cpp_extension
 
-    if plan.with_cuda:
-        cpp_extension.CUDA_HOME = plan.cuda_home  # in case cpp_extension was imported earlier
     cpp = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
     cuda = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cu")))
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard and ABI flags come from torch

@@ -7,7 +7,9 @@ process runs the kernels either compiled on CUDA tensors or interpreted on CPU t
 on a GPU machine and in the interpreter elsewhere.
 """
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,15 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 #: Where the Triton kernels run in this process: "cpu" (interpreter) or "cuda" (compiled).
 KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+
+
+def load_build_config():
+    """The repository's build_config.py (what setup.py decides with; not an installed module)."""
+    spec = importlib.util.spec_from_file_location("build_config", REPO_ROOT / "build_config.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("build_config", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_path(*parts: str) -> Path:

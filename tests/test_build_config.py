@@ -1,17 +1,12 @@
 """The build decision of setup.py (build_config.py) in faked torch / toolkit / GPU situations."""
 
-import importlib.util
 import stat
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_build_config
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("build_config", REPO / "build_config.py")
-bc = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("build_config", bc)  # dataclasses look their module up there
-_spec.loader.exec_module(bc)
+bc = load_build_config()
 
 CUDA13 = bc.Toolkit("/opt/cuda-13.0", "/opt/cuda-13.0/bin/nvcc", (13, 0),
                     ("7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"))

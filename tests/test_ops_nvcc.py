@@ -14,7 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_build_config import bc
+from conftest import load_build_config
+
+bc = load_build_config()
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
