@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "haar_split.h"
+#include "mish.h"
 #include "remove_small_regions.h"
 
 namespace {
@@ -17,13 +18,16 @@ bool has_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "msidtrans_fast compiled ops: Haar split and the fusing consistency check";
+  m.doc() = "msidtrans_fast compiled ops: Haar split, Mish and the fusing consistency check";
   m.def("has_cuda", &has_cuda, "Whether the CUDA kernels were built");
   m.def("haar_split_forward", &msidtrans::haar_split_forward, py::arg("x"),
-        "(b, C, H, W) contiguous -> [low (b, C, H', W'), high (b, 3C, H', W')], H' = ceil(H/2)");
+        "(b, C, H, W) contiguous (or channels_last on the CPU) -> [low (b, C, H', W'), "
+        "high (b, 3C, H', W')] in x's layout, H' = ceil(H/2)");
   m.def("haar_split_backward", &msidtrans::haar_split_backward, py::arg("grad_low"),
         py::arg("grad_high"), py::arg("height"), py::arg("width"),
         "Adjoint of haar_split_forward for an input of size (height, width)");
+  m.def("mish_", &msidtrans::mish_, py::arg("x"),
+        "In place x * tanh(softplus(x)) for a dense CPU float32 tensor");
   m.def("remove_small_regions", &msidtrans::remove_small_regions, py::arg("mask"),
         py::arg("min_area"),
         "(b, H, W) uint8 0/1 -> uint8: drop 1-components then 0-components with < min_area pixels");

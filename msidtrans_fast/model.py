@@ -20,6 +20,7 @@ from .modules import (
     Upsample,
     conv_bn,
     conv_bn_mish,
+    mish,
 )
 
 #: Number of attention calls per forward, in the original's order: t0 layer 0, t0 layer 1, tu1, tu2.
@@ -202,10 +203,8 @@ class MSIDTrans(nn.Module):
         x, y = self.down3(x), self.down3(y)
         mixer = conv_bn_mish(torch.cat([x, y], dim=1), self.Mixer[0], self.Mixer[1])
         mixer = conv_bn_mish(mixer, self.Mixer[3], self.Mixer[4])
-        mixer1 = torch.nn.functional.mish(
-            conv_bn(self.Mixer1[0](mix0), self.Mixer1[1], self.Mixer1[2]))
-        mixer2 = torch.nn.functional.mish(
-            conv_bn(self.Mixer2[0](mix1), self.Mixer2[1], self.Mixer2[2]))
+        mixer1 = mish(conv_bn(self.Mixer1[0](mix0), self.Mixer1[1], self.Mixer1[2]))
+        mixer2 = mish(conv_bn(self.Mixer2[0](mix1), self.Mixer2[1], self.Mixer2[2]))
         D = torch.cat([mixer, mixer1, mixer2], dim=1)
 
         D = self.t0(D, perms[0:2], backend)

@@ -90,8 +90,14 @@ def _in_place() -> bool:
     return not torch.is_grad_enabled()
 
 
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """``F.mish(x)``; where autograd records nothing, in place through :func:`ops.mish_` (the
+    compiled kernel on CPU float32)."""
+    return ops.mish_(x) if _in_place() else F.mish(x)
+
+
 def conv_bn_mish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    return F.mish(conv_bn(x, conv, bn), inplace=_in_place())
+    return mish(conv_bn(x, conv, bn))
 
 
 def conv_bn_mish_block(cin: int, cout: int, kernel: int = 3, bias: bool = True) -> nn.Sequential:
@@ -177,9 +183,8 @@ class ParallelBlock(nn.Module):
         self.branch3 = nn.Conv2d(dim, dim, 7, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inplace = _in_place()
-        return torch.cat([F.mish(self.branch1(x), inplace), F.mish(self.branch2(x), inplace),
-                          F.mish(self.branch3(x), inplace)], dim=1)
+        return torch.cat([mish(self.branch1(x)), mish(self.branch2(x)), mish(self.branch3(x))],
+                         dim=1)
 
 
 class MSSEModule(_WaveletHighLayer):
@@ -234,7 +239,7 @@ class MSSEModule(_WaveletHighLayer):
         out = F.conv2d(x, wx, bx)
         for branch, w in zip((parallel.branch1, parallel.branch2, parallel.branch3),
                              (w1, w2, w3), strict=True):
-            y = F.mish(branch(t), inplace=inplace)
+            y = mish(branch(t))
             if _channels_last(out) and _channels_last(y) and out.dtype == y.dtype:
                 # (b, H, W, C) rows: the 1x1 convolution accumulates into ``out`` as one GEMM,
                 # in place without autograd (no temporary of out's size); under autocast the
@@ -380,7 +385,8 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, perm: Permutation) -> torch.Tensor:
         qs, ks, vs = self.embed(x)
-        out = reference.multi_scale_attention(qs, ks, vs, perm, x.shape[-2:])
+        out = reference.multi_scale_attention(qs, ks, vs, perm, x.shape[-2:],
+                                              channels_last=_channels_last(x))
         return self.to_out(out)
 
 

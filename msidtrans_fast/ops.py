@@ -1,6 +1,7 @@
-"""Public special operations: the Haar wavelet split and the fusing consistency check.
+"""Public special operations: the Haar wavelet split, an in-place Mish and the fusing consistency
+check.
 
-Both run from the compiled extension ``msidtrans_fast._C`` (sources in ``csrc/``) when it is
+They run from the compiled extension ``msidtrans_fast._C`` (sources in ``csrc/``) when it is
 built, on CPU and, where it was built with CUDA, on CUDA tensors. Without the extension, or for
 a device/dtype it does not cover, they run a plain-PyTorch fallback that gives the same results
 (slower); the first time a fallback is used because the extension is missing, one warning says
@@ -8,7 +9,10 @@ so and how to build it. :func:`compiled` tells which ops run compiled on which d
 
 Ops:
 
-* :func:`haar_split` -- ``pywt.dwt2(x, 'haar', mode='zero')`` on NCHW tensors, differentiable.
+* :func:`haar_split` -- ``pywt.dwt2(x, 'haar', mode='zero')`` on (b, C, H, W) tensors,
+  differentiable; on the CPU it reads and writes contiguous and channels_last tensors as they are.
+* :func:`mish_` -- ``F.mish(x, inplace=True)`` for inference, compiled for CPU float32 (one
+  exponential per element instead of exp, log1p and tanh).
 * :func:`remove_small_regions` -- the original ``Eval.py`` consistency check (docs/design.md,
   "Fusing", step 4): drop small 4-connected foreground components, then fill small background ones.
 """
@@ -20,6 +24,7 @@ import operator
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -46,7 +51,7 @@ def _warn_missing() -> None:
     if not _warned:
         _warned = True
         warnings.warn(
-            "msidtrans_fast._C (the compiled extension: haar_split, remove_small_regions) is "
+            "msidtrans_fast._C (the compiled extension: haar_split, mish_, remove_small_regions) is "
             f"missing ({_IMPORT_ERROR}); using the slower PyTorch fallbacks. To get it, "
             f"{_BUILD_HINT}.", RuntimeWarning, stacklevel=3)
 
@@ -93,14 +98,16 @@ def compiled() -> dict[str, dict[str, bool]]:
 
     Returns:
         ``{"extension": {"built": bool}, "haar_split": {"cpu": bool, "cuda": bool},
-        "remove_small_regions": {"cpu": bool, "cuda": bool}}``. ``cuda`` is True when the
-        extension was built with CUDA kernels (whether a GPU is present is not checked).
+        "mish_": {"cpu": bool, "cuda": False}, "remove_small_regions": {"cpu": bool,
+        "cuda": bool}}``. ``cuda`` is True when the extension was built with CUDA kernels
+        (whether a GPU is present is not checked); ``mish_`` has no CUDA kernel.
     """
     built = _C is not None
     cuda = built and bool(_C.has_cuda())
     return {
         "extension": {"built": built},
         "haar_split": {"cpu": built, "cuda": cuda},
+        "mish_": {"cpu": built, "cuda": False},
         "remove_small_regions": {"cpu": built, "cuda": cuda},
     }
 
@@ -108,6 +115,24 @@ def compiled() -> dict[str, dict[str, bool]]:
 # --------------------------------------------------------------------------------------------
 # Haar split
 # --------------------------------------------------------------------------------------------
+
+def _nhwc(t: torch.Tensor) -> bool:
+    """Whether the compiled Haar split reads ``t`` as channels_last: a CPU tensor, dense in that
+    layout and not also contiguous (a tensor that is both has the same addresses either way)."""
+    return (t.device.type == "cpu" and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _haar_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the compiled Haar split takes it: channels_last CPU tensors as they are, anything
+    else contiguous (the CUDA kernels read contiguous tensors only)."""
+    return t if _nhwc(t) else t.contiguous()
+
+
+def _empty(t: torch.Tensor, shape, nhwc: bool) -> torch.Tensor:
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+
 
 # The compiled entries are torch.library custom ops (with fake kernels for tracing and autograd
 # formulas registered on the ops themselves, which plays the part of an autograd.Function and
@@ -120,9 +145,9 @@ if _C is not None:
 
     @_haar_forward_op.register_fake
     def _(x):
+        b, c = x.shape[:2]
         h, w = (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2
-        return (x.new_empty(x.shape[0], x.shape[1], h, w),
-                x.new_empty(x.shape[0], 3 * x.shape[1], h, w))
+        return _empty(x, (b, c, h, w), _nhwc(x)), _empty(x, (b, 3 * c, h, w), _nhwc(x))
 
     @torch.library.custom_op("msidtrans_fast::haar_split_backward", mutates_args=())
     def _haar_backward_op(grad_low: torch.Tensor, grad_high: torch.Tensor, height: int,
@@ -131,28 +156,40 @@ if _C is not None:
 
     @_haar_backward_op.register_fake
     def _(grad_low, grad_high, height, width):
-        return grad_low.new_empty(grad_low.shape[0], grad_low.shape[1], height, width)
+        nhwc = grad_low.device.type == "cpu" and not (
+            grad_low.is_contiguous() and grad_high.is_contiguous())
+        return _empty(grad_low, (grad_low.shape[0], grad_low.shape[1], height, width), nhwc)
 
     def _haar_backward_setup(ctx, inputs, output):
         pass
 
     def _haar_backward_grad(ctx, grad):
         # the backward is linear and its adjoint is the forward split (double backward)
-        grad_low, grad_high = torch.ops.msidtrans_fast.haar_split_forward(grad.contiguous())
+        grad_low, grad_high = torch.ops.msidtrans_fast.haar_split_forward(_haar_layout(grad))
         return grad_low, grad_high, None, None
 
     _haar_backward_op.register_autograd(_haar_backward_grad, setup_context=_haar_backward_setup)
 
     def _haar_forward_setup(ctx, inputs, output):
         ctx.height, ctx.width = inputs[0].shape[2], inputs[0].shape[3]
+        ctx.layout = torch.channels_last if _nhwc(inputs[0]) else torch.contiguous_format
 
     def _haar_forward_grad(ctx, grad_low, grad_high):
         # the adjoint: the inverse transform with the padded row/column cropped (the 2x2 Haar
-        # block matrix is symmetric and orthogonal)
+        # block matrix is symmetric and orthogonal); the gradient takes the input's layout
         return torch.ops.msidtrans_fast.haar_split_backward(
-            grad_low.contiguous(), grad_high.contiguous(), ctx.height, ctx.width)
+            grad_low.contiguous(memory_format=ctx.layout),
+            grad_high.contiguous(memory_format=ctx.layout), ctx.height, ctx.width)
 
     _haar_forward_op.register_autograd(_haar_forward_grad, setup_context=_haar_forward_setup)
+
+    @torch.library.custom_op("msidtrans_fast::mish_", mutates_args=("x",))
+    def _mish_op(x: torch.Tensor) -> None:
+        _C.mish_(x)
+
+    @_mish_op.register_fake
+    def _(x):
+        return None
 
     @torch.library.custom_op("msidtrans_fast::remove_small_regions", mutates_args=())
     def _regions_op(mask: torch.Tensor, min_area: int) -> torch.Tensor:
@@ -172,7 +209,8 @@ def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             other case runs :func:`msidtrans_fast.reference.haar_split`.
 
     Returns:
-        ``(low, high)`` in x's dtype and device: low = cA, (b, C, ceil(H/2), ceil(W/2)); high =
+        ``(low, high)`` in x's dtype, device and, for channels_last CPU input, layout (else
+        contiguous): low = cA, (b, C, ceil(H/2), ceil(W/2)); high =
         ``cat([cH, cV, cD], dim=1)``, (b, 3C, ceil(H/2), ceil(W/2)). Odd H or W is padded with
         one zero row/column at the bottom/right; each 2x2 block ``[[a, b], [c, d]]`` gives
         cA = (a+b+c+d)/2, cH = (a+b-c-d)/2, cV = (a-b+c-d)/2, cD = (a-b-c+d)/2.
@@ -195,7 +233,31 @@ def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not _has_device(x.device) or x.dtype not in _HAAR_DTYPES.get(x.device.type, ()):
         _warn_no_cuda(x.device)
         return reference.haar_split(x)
-    return torch.ops.msidtrans_fast.haar_split_forward(x.contiguous())
+    return torch.ops.msidtrans_fast.haar_split_forward(_haar_layout(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Mish
+# --------------------------------------------------------------------------------------------
+
+def mish_(x: torch.Tensor) -> torch.Tensor:
+    """``x * tanh(softplus(x))`` in place, as ``F.mish(x, inplace=True)``; returns ``x``.
+
+    Compiled for contiguous or channels_last CPU float32 tensors of any shape when no gradient
+    is being recorded for ``x``: one
+    exponential per element (``x * t / (t + 2)``, ``t = e^x (e^x + 2)``), within a few float32
+    ulp of ``F.mish``, with the same results for large, infinite and NaN inputs. Anything else
+    (other dtypes, devices or strides, autograd, :func:`pytorch_fallback`) runs ``F.mish``.
+    """
+    if (x.device.type == "cpu" and x.dtype == torch.float32
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
+        if _C is None:
+            _warn_missing()
+        elif not _fallback_forced:
+            torch.ops.msidtrans_fast.mish_(x)
+            return x
+    return F.mish(x, inplace=True)
 
 
 # --------------------------------------------------------------------------------------------

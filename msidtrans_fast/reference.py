@@ -65,7 +65,8 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
 
 def multi_scale_attention(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
                           v: Sequence[torch.Tensor], perm: Sequence[int],
-                          out_hw: tuple[int, int], materialize: bool = False) -> torch.Tensor:
+                          out_hw: tuple[int, int], materialize: bool = False,
+                          channels_last: bool = False) -> torch.Tensor:
     """The dynamic multi-scale attention of MSI-DTrans, without any N x N buffer.
 
     Args:
@@ -75,17 +76,26 @@ def multi_scale_attention(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
         out_hw: (H, W) with H * W == N.
         materialize: compute ``softmax(q k^T / sqrt(d)) v`` with the full matrix, as the original
             does (for baselines and tests only: memory grows as N * Nk).
+        channels_last: return the result in channels_last memory. The stacked q, k and v are
+            then stored as (b, N, 3, d), so that an attention kernel that keeps the query's
+            layout (PyTorch's CPU kernels do) writes its output in the result's order: no copy.
 
     Returns:
-        (b, 3 * d, H, W), channel ``g * d + c`` holding group g's channel c.
+        (b, 3 * d, H, W), channel ``g * d + c`` holding group g's channel c; contiguous, or
+        channels_last when asked.
     """
-    q_all = torch.stack([q[p] for p in perm], dim=1)  # (b, 3, N, d)
-    k_all = torch.stack(list(k), dim=1)
-    v_all = torch.stack(list(v), dim=1)
-    b, groups, n, d = q_all.shape
+    dim = 2 if channels_last else 1  # the axis of the three groups in memory
+    q_all = torch.stack([q[p] for p in perm], dim=dim)
+    k_all = torch.stack(list(k), dim=dim)
+    v_all = torch.stack(list(v), dim=dim)
+    if channels_last:
+        q_all, k_all, v_all = (t.transpose(1, 2) for t in (q_all, k_all, v_all))
+    b, groups, n, d = q_all.shape  # (b, 3, N, d)
     if materialize:
         scores = torch.matmul(q_all, k_all.transpose(-1, -2)) * d ** -0.5
         out = torch.matmul(scores.softmax(dim=-1), v_all)
     else:
         out = F.scaled_dot_product_attention(q_all, k_all, v_all)
+    if channels_last:
+        return out.transpose(1, 2).reshape(b, *out_hw, groups * d).permute(0, 3, 1, 2)
     return out.transpose(-1, -2).reshape(b, groups * d, *out_hw)

@@ -61,15 +61,43 @@ def test_compiled_equals_reference_exactly(shape):
 
 def test_non_contiguous_input():
     needs_compiled_cpu()
-    x = torch.randn(2, 9, 11, 3).permute(0, 3, 1, 2)
+    x = torch.randn(2, 9, 11, 3).permute(0, 3, 1, 2)[:, 1:]  # neither layout: copied
     for got, want in zip(ops.haar_split(x), reference.haar_split(x), strict=True):
-        assert torch.equal(got, want)
+        assert torch.equal(got, want) and got.is_contiguous()
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 5, 7), (2, 1, 6, 4), (1, 1, 1, 3), (1, 3, 3, 1)])
-def test_gradcheck_float64(shape):
+def channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_in_channels_last_out(shape, dtype):
+    """Read and written as channels_last (no layout copy), the same values as the NCHW path."""
     needs_compiled_cpu()
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    got = ops.haar_split(channels_last(x))
+    for out, nchw, ref in zip(got, ops.haar_split(x), reference.haar_split(x), strict=True):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, nchw) and torch.equal(out, ref)
+
+
+def test_channels_last_backward_matches_reference():
+    needs_compiled_cpu()
+    x = channels_last(torch.randn(2, 5, 9, 12)).requires_grad_(True)
+    g_low, g_high = torch.randn(2, 5, 5, 6), torch.randn(2, 15, 5, 6)
+    (grad,) = torch.autograd.grad(ops.haar_split(x), x, (g_low, channels_last(g_high)))
+    (want,) = torch.autograd.grad(reference.haar_split(x), x, (g_low, g_high))
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(1, 2, 5, 7), (2, 1, 6, 4), (1, 1, 1, 3), (1, 3, 3, 1)])
+def test_gradcheck_float64(shape, layout):
+    needs_compiled_cpu()
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_(True)
     assert torch.autograd.gradcheck(ops.haar_split, (x,))
     if shape == (1, 2, 5, 7):
         assert torch.autograd.gradgradcheck(ops.haar_split, (x,))
@@ -88,11 +116,13 @@ def test_backward_matches_reference():
     torch.testing.assert_close(grad_low_only, want_low_only, rtol=0, atol=1e-6)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_opcheck(layout):
     needs_compiled_cpu()
-    x = torch.randn(2, 3, 7, 6, requires_grad=True)
+    x = torch.randn(2, 3, 7, 6).contiguous(memory_format=layout).requires_grad_(True)
     torch.library.opcheck(torch.ops.msidtrans_fast.haar_split_forward, (x,))
-    g_low, g_high = torch.randn(2, 3, 4, 3), torch.randn(2, 9, 4, 3)
+    g_low = torch.randn(2, 3, 4, 3).contiguous(memory_format=layout)
+    g_high = torch.randn(2, 9, 4, 3).contiguous(memory_format=layout)
     torch.library.opcheck(torch.ops.msidtrans_fast.haar_split_backward, (g_low, g_high, 7, 6))
 
 
@@ -142,12 +172,14 @@ def test_model_calls_the_compiled_split_on_the_cpu_under_auto(monkeypatch):
     assert not calls
 
 
-def test_model_with_compiled_split_matches_the_pytorch_fallback():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_model_with_compiled_ops_matches_the_pytorch_fallback(layout):
+    """The compiled Haar split and Mish against the fallbacks, through the whole model."""
     needs_compiled_cpu()
     from msidtrans_fast import MSIDTrans
 
     torch.manual_seed(0)
-    model = MSIDTrans(backend="reference").eval()
+    model = MSIDTrans(backend="reference").eval().to(memory_format=layout)
     a = torch.rand(1, 3, 35, 42) * 2 - 1
     b = torch.rand(1, 3, 35, 42) * 2 - 1
     a.requires_grad_(True)
@@ -169,12 +201,14 @@ def test_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(ops, "_warned", False)
     assert ops.compiled() == {"extension": {"built": False},
                               "haar_split": {"cpu": False, "cuda": False},
+                              "mish_": {"cpu": False, "cuda": False},
                               "remove_small_regions": {"cpu": False, "cuda": False}}
     x = torch.randn(1, 1, 4, 5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             low, _ = ops.haar_split(x)
+            ops.mish_(x.clone())
             ops.remove_small_regions(torch.zeros(1, 1, 3, 3, dtype=torch.bool), 2)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
