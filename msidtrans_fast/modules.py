@@ -96,6 +96,15 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     return ops.mish_(x) if _in_place() else F.mish(x)
 
 
+def add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``; where autograd records nothing and the sum has ``fresh``'s shape and
+    dtype, written into ``fresh``, which must be an intermediate nothing else holds (not a
+    module's output: forward hooks would see the sum): no new allocation."""
+    if _in_place() and fresh.shape == other.shape and fresh.dtype == other.dtype:
+        return fresh.add_(other)
+    return fresh + other
+
+
 def conv_bn_mish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     return mish(conv_bn(x, conv, bn))
 
@@ -168,9 +177,12 @@ class MSSEAttention(nn.Module):
         self.fc = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The (b, C, 1, 1) factor of ``x``."""
         y = conv_bn_mish(x, self.conv, self.bn)
-        gate = torch.sigmoid(self.fc(y.mean(dim=(2, 3))))
-        return x * gate[:, :, None, None]
+        return torch.sigmoid(self.fc(y.mean(dim=(2, 3))))[:, :, None, None]
 
 
 class ParallelBlock(nn.Module):
@@ -210,7 +222,9 @@ class MSSEModule(_WaveletHighLayer):
         t = conv_bn_mish(x, self.conv[0], self.conv[1])
         pre_attention = conv_bn_mish(t, self.conv[3], self.conv[4])
         if _in_place():
-            t = self.attention(pre_attention).add_(self.residual(x))
+            # residual + pre_attention * gate in one pass, into the residual's fresh output
+            gate = self.attention.gate(pre_attention)
+            t = self.residual(x).addcmul_(pre_attention, gate)
         else:
             t = self.attention(pre_attention) + self.residual(x)
         low, high = self._split(self._split_parallel(t, x))
@@ -270,7 +284,7 @@ class FSEModule(_WaveletHighLayer):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = conv_bn_mish(x, self.bottleneck[0], self.bottleneck[1])
-        t = x + conv_bn_mish(t, self.bottleneck[3], self.bottleneck[4])
+        t = add(conv_bn_mish(t, self.bottleneck[3], self.bottleneck[4]), x)
         return self._split(t)
 
 
@@ -298,7 +312,7 @@ class RSEModule(_WaveletHighLayer):
         s1 = conv_bn_mish(p1 - p2, self.sub1[0], self.sub1[1])
         s2 = conv_bn_mish(p3 - p2, self.sub1[0], self.sub1[1])
         t = conv_bn_mish(torch.cat([p1, s1, p3, s2], dim=1), self.layer[0], self.layer[1])
-        t = x + conv_bn_mish(t, self.layer[3], self.layer[4])
+        t = add(conv_bn_mish(t, self.layer[3], self.layer[4]), x)
         return self._split(t)
 
 
