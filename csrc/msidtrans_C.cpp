@@ -27,7 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_high"), py::arg("height"), py::arg("width"),
         "Adjoint of haar_split_forward for an input of size (height, width)");
   m.def("mish_", &msidtrans::mish_, py::arg("x"),
-        "In place x * tanh(softplus(x)) for a dense CPU float32 tensor");
+        "In place x * tanh(softplus(x)) for a dense CPU float32/bfloat16 tensor");
   m.def("remove_small_regions", &msidtrans::remove_small_regions, py::arg("mask"),
         py::arg("min_area"),
         "(b, H, W) uint8 0/1 -> uint8: drop 1-components then 0-components with < min_area pixels");

@@ -11,8 +11,8 @@ Ops:
 
 * :func:`haar_split` -- ``pywt.dwt2(x, 'haar', mode='zero')`` on (b, C, H, W) tensors,
   differentiable; on the CPU it reads and writes contiguous and channels_last tensors as they are.
-* :func:`mish_` -- ``F.mish(x, inplace=True)`` for inference, compiled for CPU float32 (one
-  exponential per element instead of exp, log1p and tanh).
+* :func:`mish_` -- ``F.mish(x, inplace=True)`` for inference, compiled for CPU float32 and
+  bfloat16 (one exponential per element instead of exp, log1p and tanh).
 * :func:`remove_small_regions` -- the original ``Eval.py`` consistency check (docs/design.md,
   "Fusing", step 4): drop small 4-connected foreground components, then fill small background ones.
 """
@@ -243,13 +243,14 @@ def haar_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def mish_(x: torch.Tensor) -> torch.Tensor:
     """``x * tanh(softplus(x))`` in place, as ``F.mish(x, inplace=True)``; returns ``x``.
 
-    Compiled for contiguous or channels_last CPU float32 tensors of any shape when no gradient
-    is being recorded for ``x``: one
-    exponential per element (``x * t / (t + 2)``, ``t = e^x (e^x + 2)``), within a few float32
-    ulp of ``F.mish``, with the same results for large, infinite and NaN inputs. Anything else
-    (other dtypes, devices or strides, autograd, :func:`pytorch_fallback`) runs ``F.mish``.
+    Compiled for contiguous or channels_last CPU float32 and bfloat16 tensors of any shape
+    when no gradient is being recorded for ``x``: one exponential per element
+    (``x * t / (t + 2)``, ``t = e^x (e^x + 2)``), within a few float32 ulp of ``F.mish``
+    (bfloat16: computed in float32 and rounded once, as ``F.mish`` does), with the same results
+    for large, infinite and NaN inputs. Anything else (other dtypes, devices or strides,
+    autograd, :func:`pytorch_fallback`) runs ``F.mish``.
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and not (x.requires_grad and torch.is_grad_enabled())
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
         if _C is None:
