@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the network's soft map becomes source choices: original (D > 0.5, "
                         "as the original code) or flat (each flat, featureless region takes one "
                         "source throughout, so exposure differences between the sources do not "
-                        f"show as blotches); default {DEFAULT_RULE}, e.g. --decision-rule flat")
+                        f"show as blotches); default {DEFAULT_RULE}, e.g. --decision-rule original")
     p.add_argument("--save-decision-map", action="store_true",
                    help="also write the binary decision map (white where the first source was "
                         "taken; for stacks, grey levels by source) as NAME-dm.png beside each "

@@ -517,7 +517,9 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
         options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``,
             ``decision_rule``, ``align``, ``align_crop``, ``align_fallback``, ``tile``,
             ``tile_overlap`` as keywords (not both). Default threshold: 0.001, as the original;
-            ``decision_rule="original"`` binarises as the original does; no alignment.
+            default decision rule ``"flat"`` (each flat region where the sources differ in
+            brightness takes one source); ``decision_rule="original"`` binarises as the
+            original does; no alignment.
             ``align="similarity"`` (or ``"affine"``, ``"homography"``) registers every source to
             the first before the decision map (for handheld or refocused stacks); the output then
             has the first source's size (``align_crop=True``: the area every source covers).
