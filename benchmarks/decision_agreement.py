@@ -44,7 +44,8 @@ def agreement(model32, model16, a, b) -> dict:
         d32 = model32(a, b)[0, 0].float()
         d16 = model16(a.to(torch.bfloat16), b.to(torch.bfloat16))[0, 0].float()
     raw = ((d32 > pipeline.BINARY_LEVEL) != (d16 > pipeline.BINARY_LEVEL)).double().mean()
-    checked = (pipeline.binarise(d32, THRESHOLD) != pipeline.binarise(d16, THRESHOLD))
+    checked = (pipeline.binarise(d32, THRESHOLD, "original")
+               != pipeline.binarise(d16, THRESHOLD, "original"))
     return {"height": a.shape[-2], "width": a.shape[-1],
             "differ_before_check": raw.item(), "differ_after_check": checked.double().mean().item(),
             "max_abs_diff_D": (d32 - d16).abs().max().item()}

@@ -53,14 +53,17 @@ Tuning: a small ``triton.autotune`` space per kernel, keyed on dtype, head size 
 class that includes whether the token axis is 16-aligned. The configurations of one kernel differ
 only in the tile size that does not split a reduction (query tile of the forward and of dQ, key
 tile of dK/dV), warps and pipeline stages, so whichever is picked, every output element sums the
-same terms in the same order; tuning results are cached on disk. In Triton's interpreter only the
-first configuration of each space runs (no timing there).
+same terms in the same order; tuning results are cached on disk. The tuner leaves out the
+configurations that ptxas compiles with spilled registers on the GPU at hand (``_SPILLS``, by
+compute capability and Triton release). In Triton's interpreter only the first configuration of
+each space runs (no timing there).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
 
 import torch
 import triton
@@ -80,19 +83,22 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # ----------------------------------------------------------------------------- tuning spaces
 
-#: id(config) -> the dtype class it is meant for ("16bit" or "fp32"); kept beside the configs
-#: because Triton's on-disk tuning cache rebuilds configs from their attributes.
-_DTYPE_CLASS: dict[int, str] = {}
+#: id(config) -> (kernel, dtype class): the tuning space a config belongs to ("fwd", "dq" or
+#: "dkdv") and the dtype class it is meant for ("16bit" or "fp32"); kept beside the configs because
+#: Triton's on-disk tuning cache rebuilds configs from their attributes.
+_SPACE_OF: dict[int, tuple[str, str]] = {}
+#: (major, minor) of the installed Triton.
+TRITON_VERSION = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
 
 
-def _space(entries, fixed: dict) -> list:
+def _space(kernel: str, entries, fixed: dict) -> list:
     """Configs ``(tile name, tile, warps, stages)`` per dtype class, with the fixed tiles."""
     configs = []
     for dtype_class, rows in entries.items():
         for tile_name, tile, warps, stages in rows:
             cfg = triton.Config({tile_name: tile, **fixed[dtype_class]}, num_warps=warps,
                                 num_stages=stages)
-            _DTYPE_CLASS[id(cfg)] = dtype_class
+            _SPACE_OF[id(cfg)] = (kernel, dtype_class)
             configs.append(cfg)
     return configs
 
@@ -103,34 +109,71 @@ def _dtype_class(dtype) -> str:
 
 def configs_for(space: list, dtype: torch.dtype) -> list:
     """The configurations of a tuning space (``FWD_CONFIGS``...) that ``dtype`` runs."""
-    return [c for c in space if _DTYPE_CLASS.get(id(c)) == _dtype_class(dtype)]
+    return [c for c in space if _SPACE_OF.get(id(c), (None, None))[1] == _dtype_class(dtype)]
+
+
+#: 16-bit configurations, ``(kernel, BLOCK_M, BLOCK_N, warps, stages)``, that compile with a
+#: stack frame (ptxas spills registers) for some launched shape, by GPU generation (compute
+#: capability major) and Triton release (``True``: 3.9 and later; ``False``: before 3.9), found with
+#: ``tools/inspect_kernels.py --all-configs`` (520x520 and 1024x768, bf16; Triton 3.6, 3.7, 3.8
+#: and 3.9). The tuner leaves them out there; each space keeps at least one configuration per
+#: dtype. No fp32 configuration spills; other GPU generations were not checked.
+_SPILLS = {
+    (8, True): {("fwd", 64, 64, 4, 3)},
+    (8, False): {("fwd", 64, 64, 4, 2), ("fwd", 64, 64, 4, 3), ("dq", 64, 64, 4, 2),
+                 ("dq", 128, 64, 8, 2), ("dkdv", 64, 64, 4, 2), ("dkdv", 64, 64, 4, 3),
+                 ("dkdv", 64, 128, 8, 2)},
+    (9, False): {("dkdv", 64, 64, 4, 2), ("dkdv", 64, 32, 4, 2)},
+}
+
+
+def spills(cfg, capability: tuple[int, int], triton_version=TRITON_VERSION) -> bool:
+    """Whether ``cfg`` (of a tuning space) spills registers on a GPU of compute capability
+    ``capability`` (major, minor) with this Triton release (see ``_SPILLS``)."""
+    kernel, dtype_class = _SPACE_OF.get(id(cfg), (None, None))
+    if dtype_class != "16bit":
+        return False
+    entry = (kernel, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+    return entry in _SPILLS.get((capability[0], triton_version >= (3, 9)), ())
+
+
+def launch_configs(space: list, dtype: torch.dtype, capability: tuple[int, int],
+                   triton_version=TRITON_VERSION) -> list:
+    """The configurations of ``space`` that the tuner tries for ``dtype`` on a GPU of compute
+    capability ``capability``: those of the dtype's class that do not spill there."""
+    return [c for c in configs_for(space, dtype) if not spills(c, capability, triton_version)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """The configs of the input's dtype class (only the first in the interpreter)."""
-    kept = configs_for(configs, named_args["Q"].dtype)
-    return kept[:1] if _INTERPRET else kept
+    """The configs of the input's dtype class that do not spill on its GPU (only the first in
+    the interpreter, which has no GPU)."""
+    q = named_args["Q"]
+    if _INTERPRET:
+        return configs_for(configs, q.dtype)[:1]
+    return launch_configs(configs, q.dtype, torch.cuda.get_device_capability(q.device))
 
 
-# Spaces checked with tools/inspect_kernels.py (sm_90, the launches of 520x520 and 1024x768 at
-# head sizes 32, 48, 64): no 16-bit configuration spills; fp32 configurations with stack frames
-# of 8 bytes or more were left out (dK/dV with 4 warps or 64-key tiles spilled 250-400 bytes), but
-# the fp32 dK/dV configuration keeps an 8-byte frame at head size 64. The fixed block is the one a
-# reduction runs over.
+# Spaces checked with tools/inspect_kernels.py (sm_90 and sm_80, the launches of 520x520 and
+# 1024x768 at head sizes 32, 48, 64): fp32 configurations that spilled were left out (dK/dV with
+# 4 warps or 64-key tiles spilled 250-400 bytes, with 2 stages 8 bytes at head size 48 or 64);
+# 16-bit ones that spill only on some GPU generation or Triton release are left out there
+# (``_SPILLS``; the 32-key dK/dV tile is there for sm_80 with Triton before 3.9, where every
+# 64-key tile spills). The fixed block is the one a reduction runs over.
 _KEY_BLOCK = {"16bit": {"BLOCK_N": 64}, "fp32": {"BLOCK_N": 32}}
 _QUERY_BLOCK = {"16bit": {"BLOCK_M": 64}, "fp32": {"BLOCK_M": 32}}
-FWD_CONFIGS = _space({
+FWD_CONFIGS = _space("fwd", {
     "16bit": [("BLOCK_M", 128, 8, 3), ("BLOCK_M", 64, 4, 2), ("BLOCK_M", 64, 4, 3),
               ("BLOCK_M", 128, 8, 2)],
     "fp32": [("BLOCK_M", 64, 8, 2), ("BLOCK_M", 64, 8, 3)],
 }, _KEY_BLOCK)
-DQ_CONFIGS = _space({
+DQ_CONFIGS = _space("dq", {
     "16bit": [("BLOCK_M", 64, 4, 2), ("BLOCK_M", 64, 4, 3), ("BLOCK_M", 128, 8, 2)],
     "fp32": [("BLOCK_M", 32, 8, 2), ("BLOCK_M", 32, 4, 2)],
 }, _KEY_BLOCK)
-DKDV_CONFIGS = _space({
-    "16bit": [("BLOCK_N", 64, 4, 2), ("BLOCK_N", 64, 4, 3), ("BLOCK_N", 128, 8, 2)],
-    "fp32": [("BLOCK_N", 32, 8, 2)],
+DKDV_CONFIGS = _space("dkdv", {
+    "16bit": [("BLOCK_N", 64, 4, 2), ("BLOCK_N", 64, 4, 3), ("BLOCK_N", 128, 8, 2),
+              ("BLOCK_N", 32, 4, 2)],
+    "fp32": [("BLOCK_N", 32, 8, 3)],
 }, _QUERY_BLOCK)
 
 

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the network's soft map becomes source choices: original (D > 0.5, "
                         "as the original code) or flat (each flat, featureless region takes one "
                         "source throughout, so exposure differences between the sources do not "
-                        f"show as blotches); default {DEFAULT_RULE}, e.g. --decision-rule flat")
+                        f"show as blotches); default {DEFAULT_RULE}, e.g. --decision-rule original")
     p.add_argument("--save-decision-map", action="store_true",
                    help="also write the binary decision map (white where the first source was "
                         "taken; for stacks, grey levels by source) as NAME-dm.png beside each "
@@ -582,10 +582,13 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, s
     total = len(jobs) if total is None else total
     stack = len(jobs) == 1 and len(jobs[0].sources) > 2
     tiles = getattr(decider, "tiles", lambda h, w: 1)
-    # one fusion cut into tiles: the bar counts tiles; a stack: pairs; a dataset: images
-    by_tile = len(jobs) == 1 and tiles(*jobs[0].shape) > 1
+    # when an image is cut into tiles the bar counts tiles (a whole image counts as one, every
+    # pair of a stack counts its own); otherwise a stack counts pairs, a dataset images. Other
+    # processes' images are not read here: with several, the bar counts images.
+    by_tile = shard.world == 1 and any(tiles(*job.shape) > 1 for job in jobs)
     if by_tile:
-        bar_total, unit = stack_runs(len(jobs[0].sources)) * tiles(*jobs[0].shape), "tile"
+        bar_total = sum(stack_runs(len(job.sources)) * tiles(*job.shape) for job in jobs)
+        unit = "tile"
     elif stack:
         bar_total, unit = stack_runs(len(jobs[0].sources)), "pair"
     else:

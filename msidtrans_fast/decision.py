@@ -16,6 +16,9 @@
 
 from __future__ import annotations
 
+import math
+
+import cv2
 import numpy as np
 import torch
 
@@ -24,12 +27,13 @@ from . import metrics as _metrics
 #: Names of the decision rules.
 DECISION_RULES = ("original", "flat")
 
-#: The rule :func:`msidtrans_fast.fuse` and ``msidtrans-fuse`` use unless told otherwise.
-DEFAULT_RULE = "original"
+#: The rule :func:`msidtrans_fast.fuse` and ``msidtrans-fuse`` use unless told otherwise (chosen
+#: on a held-out split of the dev sets: docs/evaluation.md, "The flat decision rule").
+DEFAULT_RULE = "flat"
 
 #: Flat level of the ``"flat"`` rule: the largest local RMS gradient, in grey levels per pixel,
-#: of a flat pixel (see :func:`msidtrans_fast.metrics.flat_mask`).
-FLAT_LEVEL = 2.0
+#: of a flat pixel; the level of the ``Blotch`` measure (:func:`msidtrans_fast.metrics.flat_mask`).
+FLAT_LEVEL = _metrics.BLOTCH_FLAT_LEVEL
 
 
 def check_rule(rule: str) -> str:
@@ -39,29 +43,53 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-def _on_8bit_scale(x: np.ndarray) -> np.ndarray:
-    """(H, W) or (H, W, 3) float64 on the 0..255 scale: uint16 / 257, floats in [0, 1] * 255."""
+def _luminance(x: np.ndarray) -> np.ndarray:
+    """(H, W) float32 luminance on the 0..255 scale of an (H, W) or (H, W, C) source (uint8,
+    uint16 / 257, floats in [0, 1] * 255); the weights of :func:`msidtrans_fast.metrics.
+    to_luminance`, whose float64 definition this follows."""
     x = np.asarray(x)
     if x.ndim == 3 and x.shape[-1] == 1:
         x = x[..., 0]
-    if x.dtype == np.uint16:
-        return x / 257.0
-    if np.issubdtype(x.dtype, np.floating):
-        return x * 255.0
-    return x.astype(np.float64)
+    scale = 1 / 257 if x.dtype == np.uint16 else 255.0 if np.issubdtype(x.dtype, np.floating) else 1
+    if x.ndim == 3 and not ((x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all()):
+        y = x.astype(np.float32) @ np.float32(_metrics.LUMA_WEIGHTS)
+    else:
+        y = (x[..., 0] if x.ndim == 3 else x).astype(np.float32)
+    return y * np.float32(scale) if scale != 1 else y
+
+
+def _gaussian(y: np.ndarray, sigma: float) -> np.ndarray:
+    """Normalised Gaussian of radius ``ceil(3 sigma)``, reflected borders (as the metrics')."""
+    size = 2 * math.ceil(3 * sigma) + 1
+    return cv2.GaussianBlur(y, (size, size), sigma, borderType=cv2.BORDER_REFLECT_101)
 
 
 def flat_regions(a: np.ndarray, b: np.ndarray, level: float = FLAT_LEVEL) -> np.ndarray:
     """Where neither source carries focus information and their brightness differs visibly:
     (H, W) bool.
 
+    The definitions of :func:`msidtrans_fast.metrics.flat_mask` (local RMS Sobel gradient at
+    most ``level`` in both sources) and :func:`msidtrans_fast.metrics.brightness_differs`,
+    computed in float32 with OpenCV's filters (the metrics' float64 code is the reference; the
+    two differ only for pixels within float32 rounding of a threshold).
+
     Args:
         a, b: the sources, (H, W) or (H, W, C) with C = 1 or 3, of one size: uint8, uint16, or
             floats in [0, 1] (as :func:`msidtrans_fast.io.load_sources` returns them).
         level: largest local RMS gradient of a flat pixel, in 8-bit grey levels per pixel.
     """
-    a, b = _on_8bit_scale(a), _on_8bit_scale(b)
-    return _metrics.flat_mask(a, b, level=level) & _metrics.brightness_differs(a, b)
+    ya, yb = _luminance(a), _luminance(b)
+    energy = None
+    for y in (ya, yb):
+        sx = cv2.Sobel(y, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT_101)
+        sy = cv2.Sobel(y, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT_101)
+        e = _gaussian(cv2.multiply(sx, sx) + cv2.multiply(sy, sy), _metrics.BLOTCH_ENERGY_SIGMA)
+        energy = e if energy is None else np.maximum(energy, e)
+    # RMS gradient = sqrt(energy) / 8 (Sobel's gain), compared squared.
+    flat = energy <= np.float32((8 * level) ** 2)
+    sigma = _metrics.BLOTCH_MEAN_SIGMA
+    step = np.abs(_gaussian(ya, sigma) - _gaussian(yb, sigma))
+    return flat & (step >= _metrics.BLOTCH_MIN_STEP)
 
 
 def fill_flat_regions(decision: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -72,16 +100,16 @@ def fill_flat_regions(decision: torch.Tensor, flat: torch.Tensor) -> torch.Tenso
         decision, flat: (H, W) bool tensors on one device.
 
     Returns:
-        A new (H, W) bool tensor.
+        A new (H, W) bool tensor on that device (the labelling runs on the host).
     """
-    from .ops import _label_4
-
-    labels = _label_4(flat[None])[0].reshape(-1)
-    inside = flat.reshape(-1)
+    d = decision.cpu().numpy()
+    count, labels = cv2.connectedComponents(flat.cpu().numpy().view(np.uint8), connectivity=4,
+                                            ltype=cv2.CV_32S)
+    labels = labels.reshape(-1)
+    inside = labels > 0
     ids = labels[inside]
-    n = labels.numel()
-    votes = torch.bincount(ids, weights=decision.reshape(-1)[inside].double(), minlength=n)
-    sizes = torch.bincount(ids, minlength=n)
-    out = decision.reshape(-1).clone()
-    out[inside] = (2 * votes > sizes)[ids]
-    return out.view(decision.shape)
+    votes = np.bincount(ids, weights=d.reshape(-1)[inside], minlength=count)
+    sizes = np.bincount(ids, minlength=count)
+    out = d.copy()
+    out.reshape(-1)[inside] = (2 * votes > sizes)[ids]
+    return torch.from_numpy(out).to(decision.device)

@@ -328,7 +328,8 @@ def as_source_array(image, name: str = "source") -> np.ndarray:
     or float32 (values in [0, 1]).
 
     Accepted: a file path (read by :func:`read_image`); a numpy array (H, W) or (H, W, C); a PIL
-    image; a torch tensor (H, W) or (C, H, W) (channels first, as torchvision). C may be 1, 3 or 4
+    image (turned upright by its EXIF orientation, as files are); a torch tensor (H, W) or
+    (C, H, W) (channels first, as torchvision). C may be 1, 3 or 4
     (alpha is dropped). Integer data must be uint8 or uint16; floating data must lie in [0, 1].
 
     Raises:
@@ -342,6 +343,7 @@ def as_source_array(image, name: str = "source") -> np.ndarray:
         array = read_image(image)
     elif type(image).__module__.startswith("PIL."):
         array = _canonical(_pillow_to_array(image, name), name)
+        array = apply_orientation(array, _pillow_orientation(image))
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.dim() == 3:
@@ -372,6 +374,15 @@ def as_source_array(image, name: str = "source") -> np.ndarray:
         raise TypeError(f"{name}: unsupported dtype {array.dtype} (use uint8, uint16 or floats "
                         f"in [0, 1])")
     return np.ascontiguousarray(array)
+
+
+def _pillow_orientation(image) -> int:
+    """The EXIF orientation (1-8) of a PIL image, 1 when it has none or an invalid one."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # an unparsable EXIF block: the pixels are still usable
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
 def source_names(images) -> list[str]:

@@ -226,17 +226,20 @@ def _pixel_scale(dtype: np.dtype) -> float:
 
 
 def to_network_input(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(H, W, C) source -> (1, 3, H, W) tensor in [-1, 1] (gray replicated to RGB).
+    """(H, W, C) source -> (1, 3, H, W) tensor in [-1, 1] (gray replicated to RGB); an
+    (N, H, W, C) stack of crops -> (N, 3, H, W).
 
     The result is a channels-last view of the pixels (the layout of the network's weights on the
-    CPU, and the source's own interleaved layout): one conversion to float32 and two in-place
+    CPU, and the source's own interleaved layout): one conversion to float32 and three in-place
     passes, ``(x / scale - 0.5) / 0.5`` as the original.
     """
     x = torch.tensor(array, dtype=torch.float32, device=device)  # a copy, read-only arrays too
     x = x.div_(_pixel_scale(array.dtype)).sub_(0.5).div_(0.5)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
     if x.shape[-1] == 1:
-        x = x.expand(-1, -1, 3).contiguous()
-    return x.permute(2, 0, 1).unsqueeze(0).to(dtype)
+        x = x.expand(-1, -1, -1, 3).contiguous()
+    return x.permute(0, 3, 1, 2).to(dtype)
 
 
 @runtime_checkable
@@ -510,14 +513,17 @@ def fuse(images, options: FuseOptions | None = None, *, model: torch.nn.Module |
 
     Args:
         images: a sequence of two or more sources of one size: file paths, numpy arrays (H, W) or
-            (H, W, C), PIL images or torch tensors (H, W) or (C, H, W); 8-bit (uint8), 16-bit
-            (uint16) or floating point in [0, 1]; grayscale or RGB (alpha is dropped). All sources
+            (H, W, C), PIL images (both turned upright by their EXIF orientation) or torch tensors
+            (H, W) or (C, H, W); 8-bit (uint8), 16-bit (uint16) or floating point in [0, 1];
+            grayscale or RGB (alpha is dropped). All sources
             must share the bit depth; gray and RGB may be mixed (the result is then RGB). More
             than two sources form a focus stack: all are fused (see the module docstring).
         options: a :class:`FuseOptions`; or give its fields ``device``, ``dtype``, ``threshold``,
             ``decision_rule``, ``align``, ``align_crop``, ``align_fallback``, ``tile``,
             ``tile_overlap`` as keywords (not both). Default threshold: 0.001, as the original;
-            ``decision_rule="original"`` binarises as the original does; no alignment.
+            default decision rule ``"flat"`` (each flat region where the sources differ in
+            brightness takes one source); ``decision_rule="original"`` binarises as the
+            original does; no alignment.
             ``align="similarity"`` (or ``"affine"``, ``"homography"``) registers every source to
             the first before the decision map (for handheld or refocused stacks); the output then
             has the first source's size (``align_crop=True``: the area every source covers).

@@ -91,8 +91,8 @@ def cpu_native_bf16() -> bool:
 
 
 #: Whether bfloat16 decisions agree with float32 ones for the bundled network (measured with
-#: ``tools/dtype_agreement.py`` on the dev sets, table in docs/fusing.md, "Precision"): on MFFW
-#: they do not (up to 6.4% of a pair's pixels decided differently, Q_CB 0.588 -> 0.537), so
+#: ``tools/dtype_agreement.py`` on the dev sets, table in docs/fusing.md, "Precision"): they do
+#: not (up to 10.5% of an MFFW pair's pixels decided differently, NYU-D's Q_CB and PSNR lower), so
 #: ``"auto"`` keeps float32 even where bf16 is native.
 BF16_AGREES = False
 

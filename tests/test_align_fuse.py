@@ -227,3 +227,19 @@ def test_cli_alignment_flags_need_align(files, tmp_path, capsys, flag):
     err = capsys.readouterr().err
     assert code == 2 and f"{flag.split('=')[0]} needs --align" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_align_crop_bar_counts_the_tiles_that_run(files, tmp_path, capsys):
+    """With --align-crop the decision map is still computed on the first source's whole frame
+    (the consistency check sees the whole map, then the result is cut): the bar counts those
+    tiles and ends at its total."""
+    from msidtrans_fast import tiling
+
+    out = tmp_path / "fused.png"
+    code = main([str(files["a"]), str(files["b"]), "-o", str(out), "--weights", files["weights"],
+                 "--align", "--align-crop", "--tile", "64", "--tile-overlap", "16"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    tiles = len(tiling.plan_tiles(H, W, 64, 16))
+    assert f"{tiles}/{tiles}" in captured.err and f"{tiles} tiles of 64 px" in captured.out
+    assert io.read_image(out).shape[0] < H

@@ -52,7 +52,6 @@ def test_original_rule_is_threshold_then_consistency_check():
     soft = torch.rand(40, 50, generator=torch.Generator().manual_seed(1))
     expected = remove_small_regions((soft > 0.5)[None, None], 2)[0, 0]  # ceil(0.001 * 2000)
     assert torch.equal(pipeline.binarise(soft, 0.001, "original"), expected)
-    assert torch.equal(pipeline.binarise(soft, 0.001), expected)  # the default rule
     assert torch.equal(pipeline.binarise(soft, 0, "original"), soft > 0.5)
 
 
@@ -119,3 +118,16 @@ def test_fuse_with_each_rule_and_bad_rules():
     assert args.decision_rule == dr.DEFAULT_RULE
     args = build_parser().parse_args(["x.png", "y.png", "-o", "f.png", "--decision-rule", "flat"])
     assert args.decision_rule == "flat"
+
+
+def test_flat_regions_follow_the_metrics_definition_on_a_photo():
+    """The float32 OpenCV computation against the float64 reference of ``metrics``."""
+    data = pipeline.__file__.replace("pipeline.py", "data/")
+    a, b = io.load_sources([data + "sample_near.png", data + "sample_far.png"])
+    b = np.clip(np.round(b * 1.03 + 3), 0, 255).astype(np.uint8)  # an exposure change
+    for level in (1.0, 2.0):
+        got = dr.flat_regions(a, b, level)
+        ya, yb = metrics.to_luminance(a), metrics.to_luminance(b)
+        want = metrics.flat_mask(ya, yb, level) & metrics.brightness_differs(ya, yb)
+        assert want.sum() > 0.02 * want.size  # the photo has flat regions to find
+        assert (got != want).mean() < 1e-4

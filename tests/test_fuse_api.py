@@ -256,7 +256,7 @@ def test_stages_compose_what_the_decision_stage_says():
     np.testing.assert_array_equal(result.image, np.where(keep[..., None], a, b))
     np.testing.assert_array_equal(result.decision_map(2), keep.astype(np.float32))
     # without the check the island stays
-    raw = pipeline.binarise(decider(a, b), 0).numpy()
+    raw = pipeline.binarise(decider(a, b), 0, "original").numpy()
     assert raw[2:4, 2:4].all() and not keep[2:4, 2:4].any()
     # a stack asks the same stage about every pair, and reports each run
     runs = []

@@ -80,3 +80,19 @@ def test_files_without_metadata(tmp_path):
         assert io.read_metadata(out) == io.ImageMetadata(1, None, None)
     (tmp_path / "junk.bin").write_bytes(b"not an image")
     assert io.read_metadata(tmp_path / "junk.bin") == io.ImageMetadata()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_pil_images_are_turned_upright_as_files_are(tmp_path, orientation):
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels()).save(path, exif=camera_exif(orientation))
+    with Image.open(path) as im:
+        from_pil = io.as_source_array(im)
+        # an image already turned upright (exif_transpose drops the tag) is not turned again
+        upright = io.as_source_array(ImageOps.exif_transpose(im))
+    np.testing.assert_array_equal(from_pil, io.as_source_array(path))
+    np.testing.assert_array_equal(upright, from_pil)
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(pixels((30, 40, 3))).save(jpeg, exif=camera_exif(orientation))
+    with Image.open(jpeg) as im:
+        np.testing.assert_array_equal(io.load_sources([im, im])[0], io.read_image(jpeg))

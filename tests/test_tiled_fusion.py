@@ -1,6 +1,7 @@
 """Tiled fusion through the API (``fuse(..., tile=...)``) and the command line (``--tile``)."""
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,11 @@ class SharperRed(torch.nn.Module):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(()))
         self.calls = 0
+        self.lock = threading.Lock()  # tiles may run on several threads
 
     def forward(self, A, B):
-        self.calls += 1
+        with self.lock:
+            self.calls += 1
         return 0.1 + 0.8 * (A[:, :1] > B[:, :1]).float() + self.unused
 
 
@@ -99,6 +102,23 @@ def test_cli_tiles_with_a_bar_over_tiles_and_says_so(files, capsys):
     out2 = files["root"] / "whole.png"
     assert main([str(a), str(b), "-o", str(out2), "--weights", str(files["weights"])]) == 0
     assert "whole image" in capsys.readouterr().out
+
+
+def test_cli_dataset_bar_counts_tiles_when_an_image_is_tiled(files, tmp_path, capsys):
+    root = tmp_path / "set"
+    for k, seeds in enumerate(((31, 32), (33, 34)), start=1):
+        for folder, seed in zip(("sourceA", "sourceB"), seeds, strict=True):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            io.write_image(root / folder / f"{k:02d}.png", smooth_image(seed, shape=(H, W, 3)))
+    common = ["--dataset", str(root), "--weights", str(files["weights"])]
+    assert main([*common, "-o", str(tmp_path / "tiled"), "--tile", "64",
+                 "--tile-overlap", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "12/12" in captured.err and "tile" in captured.err  # 2 pairs of 6 tiles
+    assert "2 of 2 images tiled" in captured.out
+    assert main([*common, "-o", str(tmp_path / "whole")]) == 0  # nothing tiled: images
+    captured = capsys.readouterr()
+    assert "2/2" in captured.err and "image" in captured.err and "tile" not in captured.err
 
 
 def test_cli_bad_tile_values_exit_2_with_one_line(files, capsys, monkeypatch):

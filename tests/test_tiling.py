@@ -1,5 +1,7 @@
 """Tests of the tiled decision map (msidtrans_fast.tiling)."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +18,11 @@ class SourceAsMap(torch.nn.Module):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(()))
         self.batches = []
+        self.threads = set()
 
     def forward(self, A, B):
         self.batches.append(A.shape[0])
+        self.threads.add(threading.get_ident())
         return (A[:, :1] + 1) / 2 * self.scale
 
 
@@ -123,3 +127,64 @@ def test_auto_policy():
     for bad in ("256", 10, "whole", 1.5):
         with pytest.raises(ValueError, match="tile"):
             tiling.resolve_tile(bad, 100, 100)
+
+
+def test_workers_give_the_same_map_in_the_same_order(model):
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (150, 170, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (150, 170, 3), dtype=np.uint8)
+    kwargs = {"tile": 64, "overlap": 16, "batch": 1}
+    alone = tiling.tiled_decision_map(model, a, b, workers=1, **kwargs)
+    done = []
+    side_by_side = tiling.tiled_decision_map(model, a, b, workers=3, progress=done.append,
+                                             **kwargs)
+    # one thread per call instead of all: float rounding only
+    np.testing.assert_allclose(side_by_side, alone, atol=1e-5)
+    assert done == [1] * len(tiling.plan_tiles(150, 170, 64, 16))
+    again = tiling.tiled_decision_map(model, a, b, workers=3, **kwargs)
+    np.testing.assert_array_equal(again, side_by_side)  # the tiles are added in a fixed order
+    net = SourceAsMap()
+    ramp = ramp_image(150, 170)
+    d = tiling.tiled_decision_map(net, ramp, ramp, workers=2, **kwargs)
+    np.testing.assert_allclose(d, ramp[..., 0] / 65535.0, atol=2e-6)
+    assert threading.get_ident() not in net.threads and 1 <= len(net.threads) <= 2
+
+
+def test_threads_are_restored_also_after_a_failure():
+    threads = torch.get_num_threads()
+
+    class Failing(SourceAsMap):
+        def forward(self, A, B):
+            if len(self.batches) > 2:
+                raise RuntimeError("no memory")
+            return super().forward(A, B)
+
+    a = ramp_image(200, 300, np.uint8)
+    with pytest.raises(RuntimeError, match="no memory"):
+        tiling.tiled_decision_map(Failing(), a, a, tile=64, overlap=16, batch=1, workers=2)
+    assert torch.get_num_threads() == threads
+
+
+def test_cpu_workers_share_the_threads_within_the_memory_budget(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert tiling.cpu_workers(256, 256, torch.float32, 1, 486) == (2, 1)
+        assert tiling.cpu_workers(256, 256, torch.float32, 1, 1) == (1, 2)  # one call: all threads
+        monkeypatch.setattr(tiling, "CPU_TILE_BYTES", 1)
+        assert tiling.cpu_workers(256, 256, torch.float32, 1, 486) == (1, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert tiling.batch_size(256, 256, torch.device("cpu"), torch.float32) == 1
+
+
+def test_batched_network_input_equals_one_tile_at_a_time():
+    rng = np.random.default_rng(3)
+    cpu = torch.device("cpu")
+    for shape, dtype in (((4, 20, 30, 3), np.uint8), ((3, 20, 30, 1), np.uint16)):
+        crops = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+        batch = pipeline.to_network_input(crops, cpu, torch.float32)
+        one = torch.cat([pipeline.to_network_input(c, cpu, torch.float32) for c in crops])
+        assert batch.shape == (shape[0], 3, 20, 30)
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(batch, one, rtol=0, atol=0)

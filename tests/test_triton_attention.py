@@ -374,3 +374,46 @@ def test_every_tuning_config_gives_the_same_result(kernel_device, dtype):
     for configs in choices:
         grads = kernels.msa_attention_backward(grad, q, k, v, out, lse, perm, configs=configs)
         assert all(same(a, r) for a, r in zip(grads, first, strict=True)), configs
+
+
+
+
+SPACES = {"fwd": kernels.FWD_CONFIGS, "dq": kernels.DQ_CONFIGS, "dkdv": kernels.DKDV_CONFIGS}
+
+
+def _tiles(cfg) -> tuple:
+    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+
+
+def _left_out(space, dtype, capability, version) -> list[tuple]:
+    """``_tiles`` of the dtype's configurations that the tuner leaves out."""
+    kept = {id(c) for c in kernels.launch_configs(space, dtype, capability, version)}
+    return [_tiles(c) for c in kernels.configs_for(space, dtype) if id(c) not in kept]
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0), (10, 0), (12, 0)], ids=str)
+@pytest.mark.parametrize("version", [(3, 6), (3, 8), (3, 9), (3, 10)], ids=str)
+def test_tuner_leaves_out_spilling_configs(capability, version):
+    """The pruning rule alone (no GPU): the tuner tries the dtype's configurations less exactly
+    those listed as spilling (16-bit ones only) for that GPU generation and Triton release, and
+    at least one."""
+    listed = kernels._SPILLS.get((capability[0], version >= (3, 9)), set())
+    for name, space in SPACES.items():
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            assert kernels.launch_configs(space, dtype, capability, version), (name, dtype)
+            expected = [t for t in map(_tiles, kernels.configs_for(space, dtype))
+                        if dtype in (torch.float16, torch.bfloat16) and (name, *t) in listed]
+            assert _left_out(space, dtype, capability, version) == expected, (name, dtype)
+
+
+def test_spilling_configs_are_those_measured():
+    """The cases measured with tools/inspect_kernels.py: on sm_80 the 64x64 4-warp 3-stage
+    16-bit forward spills (Triton 3.9); on sm_90 with Triton 3.6 the 64x64 4-warp 2-stage 16-bit
+    dK/dV does, and with 3.9 nothing does."""
+    bf16 = torch.bfloat16
+    assert _left_out(kernels.FWD_CONFIGS, bf16, (8, 0), (3, 9)) == [(64, 64, 4, 3)]
+    assert (64, 64, 4, 2) in _left_out(kernels.DKDV_CONFIGS, bf16, (9, 0), (3, 6))
+    assert all(_left_out(space, bf16, (9, 0), (3, 9)) == [] for space in SPACES.values())
+    # sm_80 before Triton 3.9: every 64-key dK/dV tile spills; the 32-key one runs.
+    kept = kernels.launch_configs(kernels.DKDV_CONFIGS, bf16, (8, 0), (3, 6))
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(32, 4)]

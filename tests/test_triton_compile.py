@@ -5,7 +5,7 @@ interpreter accepts (layouts, dot operand types, unsupported ops). Triton can co
 time for a named target with its bundled ptxas, so this test compiles, in a subprocess without
 ``TRITON_INTERPRET``, the specialisations that launch for the tu1 layer (head size 48, token
 count 4225: an odd size on the token-padded layout) of a 520x520 input, found by
-``tools/inspect_kernels.py``: every kernel in bf16 (first tuning configuration each), the
+``tools/inspect_kernels.py``: every kernel in bf16 (the first configuration its tuner tries), the
 attention kernels in fp32 and fp64 (the gradcheck dtype on a GPU). It does not run them: GPU
 numerics are tested by the GPU tests.
 """

@@ -1,6 +1,7 @@
 """What the Triton kernels compile to on an H100 (sm_90) or A100 (sm_80), without a GPU.
 
     python tools/inspect_kernels.py [--arch 90] [--sizes 520x520 1024x768] [--dtypes fp32 bf16]
+                                    [--all-configs]
 
 Compiles ahead of time exactly the specialisations that launch for the given input sizes
 (``HxW``): the whole network runs on the meta device (no memory, no arithmetic) to find every
@@ -8,7 +9,10 @@ attention layer's input; the fused path's launchers then run on meta tensors of 
 strides (the token embedding produces the real q/k/v layout), with every kernel launch recorded
 instead of run. Each recorded launch is specialised as Triton's launcher would specialise it
 (integer arguments equal to 1 become constants; arguments and pointers divisible by 16 are marked
-so), once per autotuning configuration, and compiled for the target with Triton's bundled ptxas.
+so), once per autotuning configuration that the tuner tries on that GPU (the tuning spaces less
+the configurations that spill there with the installed Triton, ``msa_attention.launch_configs``;
+``--all-configs``: the whole spaces, to re-check that list on another Triton release), and
+compiled for the target with Triton's bundled ptxas.
 
 One Markdown row per compiled kernel: tile sizes, warps, pipeline stages, shared memory (bytes),
 registers and stack frame per thread (``cuobjdump --dump-resource-usage``; a stack frame means
@@ -126,22 +130,28 @@ def launches(height: int, width: int, dtype: torch.dtype) -> list:
     return log
 
 
-def _configs(recorder: _Recorder, kwargs: dict, args: tuple) -> list[tuple[dict, dict]]:
-    """(constexpr kwargs, options) per configuration the launch may run."""
+def _configs(recorder: _Recorder, kwargs: dict, args: tuple, arch: int,
+             every: bool = False) -> list[tuple[dict, dict]]:
+    """(constexpr kwargs, options) per configuration the launch may run on a GPU of compute
+    capability ``arch`` (the tuner's pruning applied), or of its whole tuning space (``every``)."""
     if recorder.configs is None:
         opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         return [(kwargs, opts)]
+    dtype = args[0].dtype
+    space = (A.configs_for(recorder.configs, dtype) if every else
+             A.launch_configs(recorder.configs, dtype, divmod(arch, 10)))
     out = []
-    for cfg in A.configs_for(recorder.configs, args[0].dtype):
+    for cfg in space:
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         out.append(({**kwargs, **cfg.kwargs}, opts))
     return out
 
 
 def compile_launch(recorder: _Recorder, args: tuple, kwargs: dict, arch: int,
-                   first_only: bool = False) -> list:
+                   first_only: bool = False, every: bool = False) -> list:
     """Compiles the recorded launch as the launcher would specialise it: one kernel per config
-    of its tuning space (of the launch's dtype; only the first with ``first_only``)."""
+    the tuner tries on that GPU (of the launch's dtype; only the first with ``first_only``; the
+    whole tuning space with ``every``)."""
     fn = recorder.kernel
     if isinstance(fn, triton.runtime.Autotuner):
         fn = fn.fn
@@ -149,7 +159,7 @@ def compile_launch(recorder: _Recorder, args: tuple, kwargs: dict, arch: int,
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kernels = []
-    configs = _configs(recorder, dict(kwargs), args)
+    configs = _configs(recorder, dict(kwargs), args, arch, every)
     for consts, opts in configs[:1] if first_only else configs:
         bound, specialization, options = binder(*args, **consts, **opts)
         options, signature, constexprs, attrs = fn._pack_args(backend, {**consts, **opts}, bound,
@@ -195,12 +205,12 @@ def ptx_counts(ptx: str) -> dict[str, int]:
     }
 
 
-def rows(sizes, dtypes, arch) -> list[dict]:
+def rows(sizes, dtypes, arch, every: bool = False) -> list[dict]:
     out, cache, seen = [], {}, set()
     for height, width in sizes:
         for dname in dtypes:
             for layer, recorder, args, kwargs in launches(height, width, DTYPES[dname]):
-                for consts, kernel in compile_launch(recorder, args, kwargs, arch):
+                for consts, kernel in compile_launch(recorder, args, kwargs, arch, every=every):
                     key = kernel.hash
                     if (height, width, layer, dname, key) in seen:  # e.g. q and kv at stride 1
                         continue
@@ -225,14 +235,18 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["520x520", "1024x768"],
                    help="input sizes HxW (default: 520x520 1024x768)")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--all-configs", action="store_true",
+                   help="every configuration of the tuning spaces, also those the tuner leaves "
+                        "out on this GPU because they spill")
     a = p.parse_args()
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes]
-    print(f"Triton {triton.__version__}, target sm_{a.arch}\n")
+    scope = "every configuration" if a.all_configs else "the configurations the tuner tries"
+    print(f"Triton {triton.__version__}, target sm_{a.arch}, {scope}\n")
     head = ("size", "layer", "kernel", "dtype", "tiles", "warps", "stages", "shared", "regs",
             "stack", *COLUMNS)
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for r in rows(sizes, a.dtypes, a.arch):
+    for r in rows(sizes, a.dtypes, a.arch, a.all_configs):
         print("| " + " | ".join(str(r[h]) for h in head) + " |")
 
 
