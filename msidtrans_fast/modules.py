@@ -92,7 +92,7 @@ def _in_place() -> bool:
 
 def mish(x: torch.Tensor) -> torch.Tensor:
     """``F.mish(x)``; where autograd records nothing, in place through :func:`ops.mish_` (the
-    compiled kernel on CPU float32)."""
+    compiled kernel on CPU float32 and bfloat16)."""
     return ops.mish_(x) if _in_place() else F.mish(x)
 
 

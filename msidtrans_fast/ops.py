@@ -51,8 +51,8 @@ def _warn_missing() -> None:
     if not _warned:
         _warned = True
         warnings.warn(
-            "msidtrans_fast._C (the compiled extension: haar_split, mish_, remove_small_regions) is "
-            f"missing ({_IMPORT_ERROR}); using the slower PyTorch fallbacks. To get it, "
+            "msidtrans_fast._C (the compiled extension: haar_split, mish_, remove_small_regions) "
+            f"is missing ({_IMPORT_ERROR}); using the slower PyTorch fallbacks. To get it, "
             f"{_BUILD_HINT}.", RuntimeWarning, stacklevel=3)
 
 

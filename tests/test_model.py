@@ -143,6 +143,20 @@ def test_haar_split_gradcheck(shape):
     assert torch.autograd.gradcheck(reference.haar_split, (x,))
 
 
+@pytest.mark.parametrize("materialize", [False, True])
+def test_reference_attention_channels_last_output(materialize):
+    gen = torch.Generator().manual_seed(0)
+    q = [torch.randn(2, 35, 8, generator=gen) for _ in range(3)]
+    k = [torch.randn(2, 12, 8, generator=gen) for _ in range(3)]
+    v = [torch.randn(2, 12, 8, generator=gen) for _ in range(3)]
+    want = reference.multi_scale_attention(q, k, v, (2, 0, 1), (5, 7), materialize)
+    got = reference.multi_scale_attention(q, k, v, (2, 0, 1), (5, 7), materialize,
+                                          channels_last=True)
+    assert got.shape == want.shape == (2, 24, 5, 7) and want.is_contiguous()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_haar_split_detach_option_cuts_the_graph():
     x = torch.randn(1, 1, 4, 4, requires_grad=True)
     low, _ = HaarSplit(detach=True)(x)
