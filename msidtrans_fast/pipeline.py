@@ -196,17 +196,18 @@ def align_stage(sources: Sequence[np.ndarray], options: FuseOptions,
     return _align.warp_sources(sources, alignments)
 
 
-def content_aware(decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                  aligned: _align.AlignedSources
+def content_aware(decide: Callable[..., np.ndarray], aligned: _align.AlignedSources
                   ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """``decide(a, b)`` for aligned sources: where ``b`` has no content ``a`` is taken, where
-    only ``a`` has none ``b`` is. Sources are recognised by identity; any other array (a fold's
-    running result) counts as having content everywhere."""
+    """``decide(a, b, valid)`` for aligned sources: ``valid`` ((H, W) bool, or None where both
+    have content everywhere) is where both have content; then where ``b`` has no content ``a`` is
+    taken, where only ``a`` has none ``b`` is. Sources are recognised by identity; any other
+    array (a fold's running result) counts as having content everywhere."""
     valid = {id(img): v for img, v in zip(aligned.images, aligned.valid, strict=True)}
 
     def wrapped(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        keep = decide(a, b)
         va, vb = valid.get(id(a)), valid.get(id(b))
+        both = va if vb is None else vb if va is None else va & vb
+        keep = decide(a, b, both)
         if va is not None:
             keep = keep & va
         if vb is not None:
@@ -336,7 +337,8 @@ def min_area(threshold: float, height: int, width: int) -> int:
 
 
 def binarise(soft: torch.Tensor, threshold: float, rule: str = _decision.DEFAULT_RULE,
-             a: np.ndarray | None = None, b: np.ndarray | None = None) -> torch.Tensor:
+             a: np.ndarray | None = None, b: np.ndarray | None = None,
+             valid: np.ndarray | None = None) -> torch.Tensor:
     """The binarise stage: ``soft > 0.5``, the decision rule, then the consistency check on the
     whole map.
 
@@ -348,6 +350,8 @@ def binarise(soft: torch.Tensor, threshold: float, rule: str = _decision.DEFAULT
             source, :func:`msidtrans_fast.decision.fill_flat_regions`).
         a, b: the pair's sources, (H, W, C) as :func:`msidtrans_fast.io.load_sources` returns
             them; the ``"flat"`` rule needs them.
+        valid: (H, W) bool, where both sources have content (aligned sources); flat regions
+            are sought only there. None: everywhere.
 
     Returns:
         (H, W) bool tensor on ``soft``'s device, True where the first source is taken.
@@ -358,7 +362,10 @@ def binarise(soft: torch.Tensor, threshold: float, rule: str = _decision.DEFAULT
         if rule == "flat":
             if a is None or b is None:
                 raise ValueError("the 'flat' decision rule needs the sources a and b")
-            flat = torch.from_numpy(_decision.flat_regions(a, b)).to(mask.device)
+            flat = _decision.flat_regions(a, b)
+            if valid is not None:
+                flat &= valid
+            flat = torch.from_numpy(flat).to(mask.device)
             mask = _decision.fill_flat_regions(mask, flat)
         if threshold > 0:
             from .ops import remove_small_regions
@@ -369,10 +376,12 @@ def binarise(soft: torch.Tensor, threshold: float, rule: str = _decision.DEFAULT
 
 
 def pair_decision(decider: Decider, a: np.ndarray, b: np.ndarray, threshold: float,
-                  rule: str = _decision.DEFAULT_RULE) -> np.ndarray:
+                  rule: str = _decision.DEFAULT_RULE, valid: np.ndarray | None = None
+                  ) -> np.ndarray:
     """Decision map then binarise for one pair: (H, W) bool numpy array, True where ``a`` is
-    taken. ``a``, ``b``: (H, W, C) sources as :func:`msidtrans_fast.io.load_sources` returns."""
-    return binarise(decider(a, b), threshold, rule, a, b).cpu().numpy()
+    taken. ``a``, ``b``: (H, W, C) sources as :func:`msidtrans_fast.io.load_sources` returns;
+    ``valid``: see :func:`binarise`."""
+    return binarise(decider(a, b), threshold, rule, a, b, valid).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------- compose stage
@@ -486,8 +495,8 @@ def fuse_sources(sources: Sequence[np.ndarray], decider: Decider, options: FuseO
     """
     aligned = align_stage(sources, options, names, alignments)
 
-    def decide(a, b):
-        return pair_decision(decider, a, b, options.threshold, options.decision_rule)
+    def decide(a, b, valid=None):
+        return pair_decision(decider, a, b, options.threshold, options.decision_rule, valid)
 
     if aligned is None:
         return compose(sources, decide, progress)

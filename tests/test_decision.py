@@ -131,3 +131,18 @@ def test_flat_regions_follow_the_metrics_definition_on_a_photo():
         want = metrics.flat_mask(ya, yb, level) & metrics.brightness_differs(ya, yb)
         assert want.sum() > 0.02 * want.size  # the photo has flat regions to find
         assert (got != want).mean() < 1e-4
+
+
+def test_flat_rule_ignores_pixels_without_content():
+    """Aligned sources: pixels where a warped source has no content neither join flat regions
+    nor vote in them."""
+    a, b, block = backdrop_pair()
+    soft = blotchy_soft_map(block)
+    soft[:, 60:] = 0.9  # the right part chose A (say, a warped source's empty border)
+    valid = np.ones(soft.shape, dtype=bool)
+    valid[:, 60:] = False
+    everywhere = pipeline.binarise(soft, 0, "flat", a, b).numpy()
+    inside = pipeline.binarise(soft, 0, "flat", a, b, valid).numpy()
+    assert everywhere[40:60, :60].all()  # the border's votes won the whole backdrop for A
+    assert not inside[40:60, :60].any()  # among pixels with content, B holds the majority
+    np.testing.assert_array_equal(inside[:, 60:], soft[:, 60:].numpy() > 0.5)

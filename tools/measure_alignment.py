@@ -85,7 +85,8 @@ def fuse_warped(decider, a, b_moved, matrix, interpolation):
                                              al.Alignment(matrix, 1.0, "similarity")],
                               interpolation)
     return pipeline.compose(aligned.images, pipeline.content_aware(
-        lambda x, y: pipeline.pair_decision(decider, x, y, 0.001), aligned)).image
+        lambda x, y, valid: pipeline.pair_decision(decider, x, y, 0.001, valid=valid),
+        aligned)).image
 
 
 def centre_crop(image: np.ndarray, side: int) -> np.ndarray:
