@@ -97,10 +97,10 @@ def fill_flat_regions(decision: torch.Tensor, flat: torch.Tensor) -> torch.Tenso
     pixels in ``decision`` (else False); the other pixels keep theirs.
 
     Args:
-        decision, flat: (H, W) bool tensors on one device.
+        decision, flat: (H, W) bool tensors (any devices; the labelling runs on the host).
 
     Returns:
-        A new (H, W) bool tensor on that device (the labelling runs on the host).
+        A new (H, W) bool tensor on ``decision``'s device.
     """
     d = decision.cpu().numpy()
     count, labels = cv2.connectedComponents(flat.cpu().numpy().view(np.uint8), connectivity=4,

@@ -365,8 +365,8 @@ def binarise(soft: torch.Tensor, threshold: float, rule: str = _decision.DEFAULT
             flat = _decision.flat_regions(a, b)
             if valid is not None:
                 flat &= valid
-            flat = torch.from_numpy(flat).to(mask.device)
-            mask = _decision.fill_flat_regions(mask, flat)
+            # host arrays: the labelling runs on the host whatever the map's device
+            mask = _decision.fill_flat_regions(mask, torch.from_numpy(flat))
         if threshold > 0:
             from .ops import remove_small_regions
 
