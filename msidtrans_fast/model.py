@@ -179,10 +179,10 @@ class MSIDTrans(nn.Module):
 
         if self.training:
             # Separate calls: BatchNorm normalises A and B with their own batch statistics.
-            xl1, xh1, _ = self.Encoder1(A)
-            yl1, yh1, _ = self.Encoder1(B)
+            xl1, xh1, _ = self.Encoder1(A, pre_attention=False)
+            yl1, yh1, _ = self.Encoder1(B, pre_attention=False)
         else:
-            low, high, _ = self.Encoder1(torch.cat([A, B]))
+            low, high, _ = self.Encoder1(torch.cat([A, B]), pre_attention=False)
             xl1, yl1 = low.chunk(2)
             xh1, yh1 = high.chunk(2)
         x, y = torch.cat([xh1, yh1], dim=1), torch.cat([xl1, yl1], dim=1)

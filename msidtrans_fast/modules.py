@@ -203,7 +203,9 @@ class MSSEModule(_WaveletHighLayer):
     """The first encoder (the original's ``MSSE_Module``), shared by both sources.
 
     (b, cin, H, W) -> ``(low, high, pre_attention)``: low and high are (b, dim, H1, W1);
-    ``pre_attention`` (b, dim, H, W) is the original's unused third output.
+    ``pre_attention`` (b, dim, H, W) is the original's unused third output, None when called
+    with ``pre_attention=False`` (then it is freed before the parallel block, the forward's
+    peak of memory).
     """
 
     def __init__(self, cin: int, dim: int, detach_wavelet: bool = False):
@@ -218,17 +220,20 @@ class MSSEModule(_WaveletHighLayer):
         self.channel_splitter = nn.Conv2d(3 * dim, dim, 1)
         self._init_high_layer(dim, detach_wavelet)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, pre_attention: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         t = conv_bn_mish(x, self.conv[0], self.conv[1])
-        pre_attention = conv_bn_mish(t, self.conv[3], self.conv[4])
+        pre = conv_bn_mish(t, self.conv[3], self.conv[4])
         if _in_place():
-            # residual + pre_attention * gate in one pass, into the residual's fresh output
-            gate = self.attention.gate(pre_attention)
-            t = self.residual(x).addcmul_(pre_attention, gate)
+            # residual + pre * gate in one pass, into the residual's fresh output
+            gate = self.attention.gate(pre)
+            t = self.residual(x).addcmul_(pre, gate)
         else:
-            t = self.attention(pre_attention) + self.residual(x)
+            t = self.attention(pre) + self.residual(x)
+        if not pre_attention:
+            pre = None
         low, high = self._split(self._split_parallel(t, x))
-        return low, high, pre_attention
+        return low, high, pre
 
     def _split_parallel(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``channel_splitter(parallel(t) + skip_connection(x))`` without its two 3C-channel
