@@ -76,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N, "
                         "e.g. --device cpu")
     p.add_argument("--dtype", default="auto",
-                   help="compute precision: auto (default: bfloat16 where the device computes it "
-                        "natively and agrees with float32, else float32: float32 today), float32 "
-                        "(exact), bfloat16, or float16 (CUDA only); e.g. --dtype bfloat16")
+                   help="compute precision: auto (default: mixed on a CPU with native bfloat16, "
+                        "else float32), float32 (exact), mixed (float32 with the convolution and "
+                        "attention products in bfloat16), bfloat16, or float16 (CUDA only); "
+                        "e.g. --dtype float32")
     p.add_argument("--tile", default="auto", metavar="auto|off|N",
                    help="how the decision map is computed: auto (default: the whole image at once "
                         "up to 1024x1024 pixels, tiles of 256 px above), off (always the whole "
@@ -310,16 +311,19 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _oom_advice(device, dtype, shape) -> str:
+    from . import weights as mw
+
     h, w = shape
     tips = []
-    if str(dtype) == "torch.float32":
+    dtype = mw.resolve_precision(dtype)
+    if dtype in ("float32", mw.MIXED):
         tips.append("--dtype bfloat16" if device.type == "cpu" else
                     "a smaller --dtype (float16 or bfloat16)")
     if device.type != "cpu":
         tips.append("--device cpu (uses main memory)")
     tips.append("smaller images")
-    return f"out of memory fusing {w}x{h} images on {device} in {str(dtype)[6:]}: try " + \
-        ", or ".join(tips)
+    return (f"out of memory fusing {w}x{h} images on {device} in "
+            f"{mw.describe_precision(dtype)}: try " + ", or ".join(tips))
 
 
 def available_memory(device) -> int | None:
@@ -439,8 +443,8 @@ def run(args, stdout, stderr) -> int:
         device = mw.resolve_device(args.device)
         if shard.world > 1 and args.device == "auto" and device.type == "cuda":
             device = mw.resolve_device(f"cuda:{shard.local_rank}")
-        dtype = mw.resolve_dtype(args.dtype, device)
-        mw.check_dtype_on_device(dtype, device)
+        dtype = mw.resolve_precision(args.dtype, device)
+        mw.check_dtype_on_device(mw.resolve_dtype(dtype), device)
     except ValueError as e:
         raise BadInput(str(e)) from None
     try:
@@ -598,6 +602,8 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, s
                file=stderr, dynamic_ncols=True)
     if hasattr(decider, "progress"):
         decider.progress = bar.update if by_tile else None
+    from . import weights as mw
+
     device, dtype = options.device, options.dtype  # resolved by run()
     job, shape = (jobs[0] if jobs else None), None
     pool = (ThreadPoolExecutor(IO_THREADS, thread_name_prefix="msidtrans-io") if IO_THREADS > 0
@@ -640,7 +646,7 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, s
                 return EXIT_FAILED
             if isinstance(e, RuntimeError):
                 print(f"{PROG}: error: fusing {job.sources[0]} failed on {device} in "
-                      f"{str(dtype)[6:]}: {str(e).splitlines()[0]}", file=stderr)
+                      f"{mw.describe_precision(dtype)}: {str(e).splitlines()[0]}", file=stderr)
                 return EXIT_FAILED
             raise
     bar.close()
@@ -657,7 +663,7 @@ def _fuse_jobs(args, jobs, decider, options, out_dir, skipped, stdout, stderr, s
                 what += f" (kept {skipped} already fused)"
         else:
             what = f"fused 1 pair into {jobs[0].output}"
-        precision = str(dtype)[6:]
+        precision = mw.describe_precision(dtype)
         if str(args.dtype).lower() == AUTO_DTYPE:
             precision += ", picked by --dtype auto"
         rate = f", {total / elapsed:.2f} pairs/s" if out_dir is not None and not stack else ""

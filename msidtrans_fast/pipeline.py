@@ -47,6 +47,7 @@ import numbers
 import os
 import threading
 import warnings
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -57,9 +58,11 @@ import torch
 from . import align as _align
 from . import decision as _decision
 from . import io as _io
+from . import ops as _ops
 from . import tiling as _tiling
 from . import weights as _weights
 from .model import MSIDTrans
+from .precision import products_context
 
 #: Binarisation level of the soft decision map (stage 3).
 BINARY_LEVEL = 0.5
@@ -87,9 +90,11 @@ def get_model(weights: str | os.PathLike | None = None, device: str | torch.devi
 
 
 def clear_model_cache() -> None:
-    """Forgets the models cached by :func:`get_model` (frees their memory)."""
+    """Forgets the models cached by :func:`get_model` and frees their memory, and the idle
+    activation blocks CPU forwards keep for the next call (:func:`msidtrans_fast.ops.reuse_cpu_blocks`)."""
     with _MODEL_LOCK:
         _MODEL_CACHE.clear()
+    _ops.release_cpu_blocks()
 
 
 # ------------------------------------------------------------------------------------- options
@@ -100,10 +105,12 @@ class FuseOptions:
     Attributes:
         device: "auto" / None (CUDA if available, else the CPU), "cpu", "cuda", "cuda:N" or a
             ``torch.device``. With a given model: None means the model's device.
-        dtype: compute dtype of the network: "auto" (the default, None: bfloat16 where the
-            device computes it natively, else float32; see
-            :func:`msidtrans_fast.weights.auto_dtype`; with a given model: its dtype),
-            "float32" (exact), "bfloat16", "float16" (CUDA only), or a ``torch.dtype``.
+        dtype: compute precision of the network: "auto" (the default, None: "mixed" on a CPU
+            with native bf16, else float32; see :func:`msidtrans_fast.weights.auto_precision`;
+            with a given model: its dtype, and for a float32 model the products "auto" picks),
+            "float32" (exact), "mixed" (float32 with the
+            convolution and attention products in bfloat16, :mod:`msidtrans_fast.precision`),
+            "bfloat16", "float16" (CUDA only), or a ``torch.dtype``.
         threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
         decision_rule: how the binarise stage turns D into source choices, a name of
             :data:`msidtrans_fast.decision.DECISION_RULES` (default
@@ -269,11 +276,13 @@ class WholeImageDecider:
     """The network on the whole image at once: ``model(A, B)`` at full resolution, batch 1.
 
     The model runs in eval mode (its train/eval mode is restored after each call) on its own
-    device and dtype; D comes back as float32 on that device.
+    device and dtype, with ``products`` as in :func:`msidtrans_fast.precision.products_context`
+    and, on the CPU, its activations in reused blocks (:func:`msidtrans_fast.ops.reuse_cpu_blocks`);
+    D comes back as float32 on that device.
     """
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, products: torch.dtype | None = None):
+        self.model, self.products = model, products
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -283,7 +292,8 @@ class WholeImageDecider:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), products_context(self.products), \
+                    _ops.reuse_cpu_blocks() if self.device.type == "cpu" else nullcontext():
                 # The sources were checked on the host (io.load_sources): no device sync here.
                 kwargs = {"check_finite": False} if isinstance(self.model, MSIDTrans) else {}
                 return self.model(A, B, **kwargs)[0, 0].float()
@@ -305,7 +315,10 @@ def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
         FileNotFoundError: a weights file that does not exist.
     """
     if model is None:
-        return _decider(get_model(weights, options.device, options.dtype), options)
+        model = get_model(weights, options.device, options.dtype)
+        dtype = _weights.AUTO_DTYPE if options.dtype is None else options.dtype
+        return _decider(model, options,
+                        _weights.products_dtype(dtype, next(model.parameters()).device))
     if weights is not None:
         raise ValueError("pass either model or weights, not both")
     param = next(model.parameters())
@@ -316,13 +329,18 @@ def make_decider(options: FuseOptions, *, model: torch.nn.Module | None = None,
     if options.dtype not in (None, _weights.AUTO_DTYPE) and \
             _weights.resolve_dtype(options.dtype) != param.dtype:
         raise ValueError(f"dtype {options.dtype!r} differs from the model's dtype {param.dtype}")
-    return _decider(model, options)
+    if options.dtype not in (None, _weights.AUTO_DTYPE):
+        return _decider(model, options, _weights.products_dtype(options.dtype))
+    # "auto" keeps the model's dtype; a float32 model gets the products "auto" picks here
+    auto = _weights.products_dtype(_weights.AUTO_DTYPE, param.device)
+    return _decider(model, options, auto if param.dtype == torch.float32 else None)
 
 
-def _decider(model: torch.nn.Module, options: FuseOptions) -> Decider:
+def _decider(model: torch.nn.Module, options: FuseOptions,
+             products: torch.dtype | None) -> Decider:
     if options.tile is None or options.tile == "off":
-        return WholeImageDecider(model)
-    return _tiling.TiledDecider(model, options.tile, options.tile_overlap)
+        return WholeImageDecider(model, products)
+    return _tiling.TiledDecider(model, options.tile, options.tile_overlap, products=products)
 
 
 # ------------------------------------------------------------------------------ binarise stage

@@ -32,12 +32,15 @@ import numbers
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .model import MSIDTrans
+from .ops import reuse_cpu_blocks
+from .precision import products_context
 
 #: Smallest tile side accepted (pixels): below it a tile holds too little context for the
 #: network's four downsampling stages.
@@ -235,7 +238,8 @@ def _in_order(pool: ThreadPoolExecutor | None, fn: Callable, items: list, ahead:
 def tiled_decision_map(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, *,
                        tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                        batch: int | None = None, workers: int | None = None,
-                       progress: Callable[[int], object] | None = None) -> np.ndarray:
+                       progress: Callable[[int], object] | None = None,
+                       products: torch.dtype | None = None) -> np.ndarray:
     """Soft decision map of a pair computed tile by tile.
 
     Args:
@@ -248,6 +252,8 @@ def tiled_decision_map(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, *,
             them (:func:`cpu_workers`, the default on the CPU; 1 on a GPU). Whatever the workers,
             the tiles' maps are added into D in one fixed order, so D does not depend on timing.
         progress: called with the number of tiles finished after each network call.
+        products: dtype of the convolution and attention products when it differs from the
+            model's (:func:`msidtrans_fast.precision.products_context`), else None.
 
     Returns:
         (H, W) float32 D in [0, 1]: the network's output where one tile covers the image, else
@@ -276,7 +282,8 @@ def tiled_decision_map(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, *,
     def run(chunk) -> np.ndarray:  # (n, tile_h, tile_w) float32
         A = tile_batch(a, chunk, grid, param.device, param.dtype)
         B = tile_batch(b, chunk, grid, param.device, param.dtype)
-        with torch.inference_mode():
+        with torch.inference_mode(), products_context(products), \
+                reuse_cpu_blocks() if param.device.type == "cpu" else nullcontext():
             return model(A, B, **kwargs)[:, 0].float().cpu().numpy()
 
     out = np.zeros((height, width), dtype=np.float32)
@@ -310,17 +317,19 @@ class TiledDecider:
     ``tile``: a tile side in pixels, or ``"auto"`` (:func:`resolve_tile`: images up to
     :data:`AUTO_WHOLE_MAX_PIXELS` run as one tile covering the whole image, which is exactly the
     whole-image decision map). ``progress``, an attribute that may be set after construction, is
-    called with the number of tiles finished after each network call.
+    called with the number of tiles finished after each network call. ``products``: as in
+    :func:`tiled_decision_map`.
     """
 
     def __init__(self, model: torch.nn.Module, tile: int | str = "auto",
                  overlap: int = DEFAULT_OVERLAP, batch: int | None = None,
-                 progress: Callable[[int], object] | None = None):
+                 progress: Callable[[int], object] | None = None,
+                 products: torch.dtype | None = None):
         check_tile_option(tile, overlap)
         if tile is None or tile == "off":
             raise ValueError("TiledDecider needs a tile side or 'auto'")
         self.model, self.tile, self.overlap, self.batch = model, tile, overlap, batch
-        self.progress = progress
+        self.progress, self.products = progress, products
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -349,7 +358,7 @@ class TiledDecider:
         try:
             d = tiled_decision_map(self.model, a, b, tile=side,
                                    overlap=min(self.overlap, side // 2), batch=self.batch,
-                                   progress=self.progress)
+                                   progress=self.progress, products=self.products)
         finally:
             self.model.train(was_training)
         return torch.from_numpy(d).to(self.device)

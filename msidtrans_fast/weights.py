@@ -29,9 +29,12 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-#: dtype names accepted by :func:`resolve_dtype` and the command line ("auto": :func:`auto_dtype`).
+#: dtype names accepted by :func:`resolve_precision` and the command line ("auto":
+#: :func:`auto_precision`). ``"mixed"``: float32 weights and activations, convolution and attention
+#: products in bfloat16 (:mod:`msidtrans_fast.precision`).
 AUTO_DTYPE = "auto"
-DTYPE_NAMES = (AUTO_DTYPE, "float32", "float16", "bfloat16")
+MIXED = "mixed"
+DTYPE_NAMES = (AUTO_DTYPE, "float32", MIXED, "float16", "bfloat16")
 
 UNTRAINED_MESSAGE = ("the bundled weights file msidtrans_fast/data/msidtrans_weights.pt is "
                      "missing from this installation: the model is UNTRAINED (random weights), "
@@ -95,23 +98,70 @@ def cpu_native_bf16() -> bool:
 #: not (up to 10.5% of an MFFW pair's pixels decided differently, NYU-D's Q_CB and PSNR lower), so
 #: ``"auto"`` keeps float32 even where bf16 is native.
 BF16_AGREES = False
+#: Whether ``"mixed"`` decisions (bf16 products only) agree with float32 ones, measured the same
+#: way: they do, as closely as the tiled and whole-image maps agree (docs/fusing.md,
+#: "Precision"). Measured on the CPU only, so ``"auto"`` picks it on CPUs with native bf16.
+MIXED_AGREES = True
+
+
+def auto_precision(device: str | torch.device) -> str:
+    """The precision name ``"auto"`` picks for ``device``: ``"bfloat16"`` where the device
+    computes bf16 natively (a CUDA device with bf16 support; a CPU with AVX512-BF16 or AMX) and
+    its decisions agree with float32 (:data:`BF16_AGREES`); else ``"mixed"`` on a CPU with
+    native bf16 (:data:`MIXED_AGREES`); else ``"float32"``. Without native bf16 both would be
+    emulated, slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda" and BF16_AGREES and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    if device.type == "cpu" and cpu_native_bf16():
+        if BF16_AGREES:
+            return "bfloat16"
+        if MIXED_AGREES:
+            return MIXED
+    return "float32"
+
+
+def resolve_precision(dtype: str | torch.dtype | None,
+                      device: str | torch.device | None = None) -> str:
+    """The precision's canonical name: ``"float32"``, ``"mixed"``, ``"bfloat16"`` or
+    ``"float16"``. None means float32; ``"auto"`` is :func:`auto_precision` of ``device``
+    (default: :func:`resolve_device`'s choice); names as in :data:`DTYPE_NAMES`, fp32/fp16/bf16,
+    or a ``torch.dtype``.
+
+    Raises:
+        ValueError: an unknown or non-floating dtype.
+    """
+    if dtype is None:
+        return "float32"
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported dtype {dtype} (use one of {', '.join(DTYPE_NAMES)})")
+        return str(dtype).removeprefix("torch.")
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == AUTO_DTYPE:
+        return auto_precision(resolve_device(device))
+    if name == MIXED:
+        return MIXED
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPE_NAMES)})")
+    return str(_DTYPES[name]).removeprefix("torch.")
+
+
+def products_dtype(dtype: str | torch.dtype | None,
+                   device: str | torch.device | None = None) -> torch.dtype | None:
+    """The dtype the convolution and attention products compute in when it differs from the
+    weights' (bfloat16 for ``"mixed"``), else None."""
+    return torch.bfloat16 if resolve_precision(dtype, device) == MIXED else None
+
+
+def describe_precision(name: str) -> str:
+    """A precision name for messages: ``"mixed"`` spelled out."""
+    return "float32 with bfloat16 products" if name == MIXED else name
 
 
 def auto_dtype(device: str | torch.device) -> torch.dtype:
-    """The compute dtype ``"auto"`` picks for ``device``.
-
-    bfloat16 where the device computes it natively (a CUDA device with bf16 support; a CPU with
-    AVX512-BF16 or AMX) and its decisions agree with float32 (:data:`BF16_AGREES`); float32
-    otherwise. ``dtype="bfloat16"`` asks for bf16 regardless.
-    """
-    device = torch.device(device)
-    if not BF16_AGREES:
-        return torch.float32
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_native_bf16() else torch.float32
-    return torch.float32
+    """The weights' dtype under ``"auto"`` (:func:`auto_precision`): float32 for ``"mixed"``."""
+    return resolve_dtype(auto_precision(device))
 
 
 def preferred_memory_format(device: str | torch.device) -> torch.memory_format:
@@ -126,24 +176,14 @@ def preferred_memory_format(device: str | torch.device) -> torch.memory_format:
 
 def resolve_dtype(dtype: str | torch.dtype | None,
                   device: str | torch.device | None = None) -> torch.dtype:
-    """The compute dtype: None means float32; ``"auto"`` is :func:`auto_dtype` of ``device``
-    (default: :func:`resolve_device`'s choice); names as in :data:`DTYPE_NAMES` or fp32/fp16/bf16.
+    """The dtype of the weights and activations for a precision (see :func:`resolve_precision`;
+    float32 for ``"mixed"``).
 
     Raises:
         ValueError: an unknown or non-floating dtype.
     """
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"unsupported dtype {dtype} (use one of {', '.join(DTYPE_NAMES)})")
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name == AUTO_DTYPE:
-        return auto_dtype(resolve_device(device))
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPE_NAMES)})")
-    return _DTYPES[name]
+    name = resolve_precision(dtype, device)
+    return torch.float32 if name == MIXED else _DTYPES[name]
 
 
 def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from msidtrans_fast import cli, evaluate, fuse, io, pipeline, training
+from msidtrans_fast import cli, evaluate, fuse, io, pipeline, training, weights
 
 
 def _parsers():
@@ -96,6 +96,20 @@ def test_float16_is_refused_on_the_cpu_with_a_hint(pair, tmp_path, no_network, c
     line = _one_error_line(capsys)
     assert "float16" in line and "bfloat16" in line
     assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_closing_line_names_the_precision_auto_picked(pair, tmp_path, capsys, monkeypatch,
+                                                      native):
+    monkeypatch.setattr(weights, "cpu_native_bf16", lambda: native)
+    assert cli.main([str(pair[0]), str(pair[1]), "-o", str(tmp_path / "out-auto.png"), "--device",
+                     "cpu"]) == 0
+    closing = capsys.readouterr().out
+    picked = "float32 with bfloat16 products" if native else "float32"
+    assert f"({picked}, picked by --dtype auto;" in closing, closing
+    assert cli.main([str(pair[0]), str(pair[1]), "-o", str(tmp_path / "out-mixed.png"), "--device",
+                     "cpu", "--dtype", "mixed"]) == 0
+    assert "(float32 with bfloat16 products;" in capsys.readouterr().out
 
 
 def test_float16_is_refused_on_the_cpu_by_the_api(pair):

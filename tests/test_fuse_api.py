@@ -86,7 +86,8 @@ def by_hand(model, a, b, threshold):
 @pytest.mark.parametrize("threshold", [0.0, 0.001, 0.05])
 def test_pair_equals_spec_steps_by_hand(contrast_model, threshold):
     a, b = smooth_image(1), smooth_image(2)
-    fused, dm = fuse([a, b], model=contrast_model, threshold=threshold, return_decision_map=True)
+    fused, dm = fuse([a, b], model=contrast_model, dtype="float32", threshold=threshold,
+                     return_decision_map=True)
     expected, mask = by_hand(contrast_model, a, b, threshold)
     assert fused.dtype == np.uint8 and fused.shape == (H, W, 3)
     np.testing.assert_array_equal(fused, expected.astype(np.uint8))
@@ -111,7 +112,7 @@ def test_min_area_is_ceil_of_real_area():
 
 def test_sixteen_bit_and_gray_keep_depth_and_channels(contrast_model):
     a16, b16 = smooth_image(1, dtype=np.uint16), smooth_image(2, dtype=np.uint16)
-    fused = fuse([a16, b16], model=contrast_model)
+    fused = fuse([a16, b16], model=contrast_model, dtype="float32")
     expected, _ = by_hand(contrast_model, a16, b16, 0.001)
     assert fused.dtype == np.uint16
     np.testing.assert_array_equal(fused, expected.astype(np.uint16))

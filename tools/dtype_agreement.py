@@ -2,7 +2,7 @@
 
 For every pair of each dataset folder (``ROOT/sourceA``, ``ROOT/sourceB``, optionally
 ``ROOT/groundtruth``) the network runs twice with the same weights, in float32 and in ``--dtype``
-(default bfloat16), on the CPU as ``fuse`` runs it (whole image, the layout
+(default bfloat16; or ``mixed``), on the CPU as ``fuse`` runs it (whole image, the layout
 ``msidtrans_fast.weights.load_model`` gives). Per pair it records, for every decision rule, the
 share of pixels whose final decision (the binarise stage: threshold 0.001, the rule, the
 consistency check) differs from float32, and for both precisions, with the default rule, Q^AB/F
@@ -89,12 +89,13 @@ def summarise(rows: list[dict], low: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path, help="dataset folders (sourceA, sourceB)")
-    parser.add_argument("--dtype", default="bfloat16", help="precision compared with float32")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="precision compared with float32 (bfloat16, mixed)")
     parser.add_argument("--weights", help="checkpoint (default: the bundled weights)")
     parser.add_argument("--limit", type=int, default=None, help="first N pairs of each folder")
     parser.add_argument("--jsonl", type=Path, required=True, help="per-pair results (appended)")
     args = parser.parse_args()
-    low = str(weights.resolve_dtype(args.dtype)).removeprefix("torch.")
+    low = weights.resolve_precision(args.dtype)
     deciders = {name: pipeline.make_decider(pipeline.FuseOptions(device="cpu", dtype=name,
                                                                  tile="off"),
                                             weights=args.weights)
