@@ -75,9 +75,14 @@ ECC_BLUR = 5
 #: Refining at a finer level may move an image corner by at most this many pixels of the coarser
 #: level the estimate came from; more means ECC went astray.
 MAX_REFINEMENT_PX = 4.0
-#: Defocus matching (:func:`match_defocus`), the last estimation step at full resolution: rounds of
-#: warping the moving source with the current estimate and letting ECC find the residual.
-MATCH_ROUNDS = 2
+#: Defocus matching (:func:`refine_matched`), the last estimation step at full resolution: at most
+#: this many rounds of warping the moving source with the current estimate and letting ECC find
+#: the residual, until a round moves no corner by MATCH_TOLERANCE_PX or more (converged).
+MATCH_ROUNDS = 6
+MATCH_TOLERANCE_PX = 0.01
+#: The matched estimate is kept when its last accepted round moved no corner by this many
+#: full-resolution pixels or more (it was settling); else the plain ECC estimate is used.
+MATCH_SETTLED_PX = 0.1
 #: Side, in pixels of the matching level, of the window over which local sharpness is compared.
 SHARPNESS_WINDOW = 15
 #: Candidate radii, in pixels of the matching level, of the disc that blurs the sharper source.
@@ -85,8 +90,9 @@ DEFOCUS_RADII = tuple(0.5 * k for k in range(1, 17))
 #: Pixels within (twice the blur radius + this) of a boundary between "reference sharper" and
 #: "moving sharper" are left out of the matched ECC.
 BOUNDARY_MARGIN = 5
-#: A matched round may move an image corner by at most this many full-resolution pixels; more
-#: means it went astray and the estimate before it is kept.
+#: A matched round after the first may move an image corner by at most this many full-resolution
+#: pixels (the first as much as a plain refinement, MAX_REFINEMENT_PX per pixel of the level the
+#: estimate came from); more means it went astray and the estimate before it is kept.
 MAX_MATCH_STEP_PX = 1.0
 #: The matched rounds run on the finest pyramid level whose long side is at most this many pixels
 #: (full resolution up to that size; a 12-megapixel pair is matched at half resolution).
@@ -354,15 +360,16 @@ def _resample(lum: np.ndarray, matrix: np.ndarray, flags: int, border: int,
 def refine_matched(reference: list[np.ndarray], moving: list[np.ndarray], matrix: np.ndarray,
                    model: str, name: str = "source", first_step: float = MAX_MATCH_STEP_PX
                    ) -> np.ndarray | None:
-    """The last estimation step: :data:`MATCH_ROUNDS` rounds of warping the moving source onto the
-    reference grid with the current ``matrix`` (Lanczos), making the two alike
-    (:func:`match_defocus`) and composing the residual transform ECC finds between them.
+    """The last estimation step: rounds of warping the moving source onto the reference grid with
+    the current ``matrix`` (Lanczos), making the two alike (:func:`match_defocus`) and composing
+    the residual transform ECC finds between them, until a round moves no corner by
+    :data:`MATCH_TOLERANCE_PX` or more (converged), for at most :data:`MATCH_ROUNDS` rounds.
 
     ``reference``, ``moving``: pyramids (:func:`pyramid`, full resolution first) of the two
     luminances; ``matrix``: (3, 3) current full-resolution estimate. The rounds run on the first
     level whose long side is at most :data:`MATCH_SIDE` px (full resolution up to that size);
-    which source is sharper and the blur radii are decided on the first level whose long side is
-    at most :data:`REDUCED_SIDE` px and scaled up. A round that fails, or moves a corner by more
+    which source is sharper (every round) and the blur radii (first round) are decided on the first
+    level whose long side is at most :data:`REDUCED_SIDE` px and scaled up. A round that fails, or moves a corner by more
     than ``first_step`` (first round) or :data:`MAX_MATCH_STEP_PX` (later rounds) full-resolution
     pixels, ends the refinement with the estimate before it. Returns the (3, 3) full-resolution
     estimate, or None when not even the first round succeeded.
@@ -378,7 +385,7 @@ def refine_matched(reference: list[np.ndarray], moving: list[np.ndarray], matrix
     matrix = _rescale(matrix, 2.0 ** -work)
     radii = None
     limit = first_step / 2 ** work
-    done = 0
+    last = math.inf  # corner step of the last accepted round
     for _ in range(MATCH_ROUNDS):
         warped = _resample(mov, matrix, cv2.INTER_LANCZOS4, cv2.BORDER_REFLECT)
         inside = _resample(np.full((height, width), 255, np.uint8), matrix, cv2.INTER_LINEAR,
@@ -408,12 +415,14 @@ def refine_matched(reference: list[np.ndarray], moving: list[np.ndarray], matrix
             break
         new = matrix @ residual
         new /= new[2, 2]
-        if np.linalg.norm(_map(new, corners) - _map(matrix, corners), axis=1).max() > limit:
+        step = np.linalg.norm(_map(new, corners) - _map(matrix, corners), axis=1).max()
+        if step > limit:
             break
-        matrix = new
+        matrix, last = new, step
         limit = MAX_MATCH_STEP_PX / 2 ** work
-        done += 1
-    return _rescale(matrix, 2.0 ** work) if done else None
+        if step < MATCH_TOLERANCE_PX / 2 ** work:
+            break
+    return _rescale(matrix, 2.0 ** work) if last < MATCH_SETTLED_PX / 2 ** work else None
 
 
 def estimate_pyramids(reference: list[np.ndarray], moving: list[np.ndarray], model: str,
@@ -464,7 +473,7 @@ def estimate_pyramids(reference: list[np.ndarray], moving: list[np.ndarray], mod
         factor = 2.0 ** (current - level)
         if level == 0 and match:
             refined = refine_matched(reference, moving, _rescale(matrix, 2.0 ** current), model,
-                                     name, MAX_MATCH_STEP_PX * 2 ** current)
+                                     name, MAX_REFINEMENT_PX * factor)
             if refined is not None:
                 matrix, current = refined, 0
                 break
@@ -479,7 +488,7 @@ def estimate_pyramids(reference: list[np.ndarray], moving: list[np.ndarray], mod
                                        f"{reference[level].shape[1]}x{reference[level].shape[0]}"
                                        f" moved a corner by {step:.1f} px")
     if top == 0 and match:
-        refined = refine_matched(reference, moving, matrix, model, name)
+        refined = refine_matched(reference, moving, matrix, model, name, MAX_REFINEMENT_PX)
         matrix = matrix if refined is None else refined
     why = check_range(matrix, height, width, max_motion)
     if why is not None:
