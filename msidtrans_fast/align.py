@@ -21,7 +21,13 @@ Method
     a long side of :data:`REDUCED_SIDE` px and last at full resolution. The coarsest level
     estimates a similarity (fewest parameters, most robust), the finer levels the requested model.
     The ECC criterion is a normalised correlation, so it ignores gain and offset (small exposure
-    changes); defocus blurs an edge symmetrically and so does not move it.
+    changes). It is not neutral to a difference in sharpness, though: where one source is sharp and
+    the other defocused, and above all near the boundaries between such regions, the best
+    correlation lies off the true transform. So the full-resolution step (:func:`refine_matched`)
+    first makes the sources alike: each is blurred, where it is the locally sharper, by the disc
+    that best matches the other, the pixels near boundaries between the two cases are left out,
+    and ECC finds the residual motion; a few such rounds, each warping the moving source with the
+    current estimate (Lanczos).
     ECC has no similarity model: for ``"similarity"`` it estimates an affine transform and keeps the
     closest similarity (least squares over the image) after every level.
     A stack of more than two sources registers neighbouring frames (they look most alike) and
