@@ -98,7 +98,7 @@ DEFOCUS_RADII = tuple(0.5 * k for k in range(1, 17))
 BOUNDARY_MARGIN = 5
 #: A matched round after the first may move an image corner by at most this many full-resolution
 #: pixels (the first as much as a plain refinement, MAX_REFINEMENT_PX per pixel of the level the
-#: estimate came from); more means it went astray and the estimate before it is kept.
+#: estimate came from); more means it went astray, and the rounds end there.
 MAX_MATCH_STEP_PX = 1.0
 #: The matched rounds run on the finest pyramid level whose long side is at most this many pixels
 #: (full resolution up to that size; a 12-megapixel pair is matched at half resolution).
@@ -375,10 +375,12 @@ def refine_matched(reference: list[np.ndarray], moving: list[np.ndarray], matrix
     luminances; ``matrix``: (3, 3) current full-resolution estimate. The rounds run on the first
     level whose long side is at most :data:`MATCH_SIDE` px (full resolution up to that size);
     which source is sharper (every round) and the blur radii (first round) are decided on the first
-    level whose long side is at most :data:`REDUCED_SIDE` px and scaled up. A round that fails, or moves a corner by more
+    level whose long side is at most :data:`REDUCED_SIDE` px and scaled up. The rounds also end
+    when one fails (too few pixels left to compare, ECC gives up) or would move a corner by more
     than ``first_step`` (first round) or :data:`MAX_MATCH_STEP_PX` (later rounds) full-resolution
-    pixels, ends the refinement with the estimate before it. Returns the (3, 3) full-resolution
-    estimate, or None when not even the first round succeeded.
+    pixels. Returns the (3, 3) full-resolution estimate when the last accepted round moved no
+    corner by :data:`MATCH_SETTLED_PX` or more (it was settling), else None (the caller then falls
+    back to the plain ECC).
     """
     work = next((lv for lv, im in enumerate(reference) if max(im.shape) <= MATCH_SIDE),
                 len(reference) - 1)
@@ -411,6 +413,8 @@ def refine_matched(reference: list[np.ndarray], moving: list[np.ndarray], matrix
         ref2, mov2, keep = match_defocus(full, warped, sharper,
                                          (radii[0] * scale, radii[1] * scale),
                                          BOUNDARY_MARGIN * scale)
+        # Not within 8 px of the warped source's edge (Lanczos reaches 4 px into the reflected
+        # border), and at least 5 % of the image left to compare.
         keep &= cv2.erode(inside.astype(np.uint8), np.ones((17, 17), np.uint8)) > 0
         if keep.mean() < 0.05:
             break
