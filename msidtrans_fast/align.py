@@ -21,7 +21,13 @@ Method
     a long side of :data:`REDUCED_SIDE` px and last at full resolution. The coarsest level
     estimates a similarity (fewest parameters, most robust), the finer levels the requested model.
     The ECC criterion is a normalised correlation, so it ignores gain and offset (small exposure
-    changes); defocus blurs an edge symmetrically and so does not move it.
+    changes). It is not neutral to a difference in sharpness, though: where one source is sharp and
+    the other defocused, and above all near the boundaries between such regions, the best
+    correlation lies off the true transform. So the full-resolution step (:func:`refine_matched`)
+    first makes the sources alike: each is blurred, where it is the locally sharper, by the disc
+    that best matches the other, the pixels near boundaries between the two cases are left out,
+    and ECC finds the residual motion; a few such rounds, each warping the moving source with the
+    current estimate (Lanczos).
     ECC has no similarity model: for ``"similarity"`` it estimates an affine transform and keeps the
     closest similarity (least squares over the image) after every level.
     A stack of more than two sources registers neighbouring frames (they look most alike) and
@@ -75,6 +81,28 @@ ECC_BLUR = 5
 #: Refining at a finer level may move an image corner by at most this many pixels of the coarser
 #: level the estimate came from; more means ECC went astray.
 MAX_REFINEMENT_PX = 4.0
+#: Defocus matching (:func:`refine_matched`), the last estimation step at full resolution: at most
+#: this many rounds of warping the moving source with the current estimate and letting ECC find
+#: the residual, until a round moves no corner by MATCH_TOLERANCE_PX or more (converged).
+MATCH_ROUNDS = 6
+MATCH_TOLERANCE_PX = 0.01
+#: The matched estimate is kept when its last accepted round moved no corner by this many
+#: full-resolution pixels or more (it was settling); else the plain ECC estimate is used.
+MATCH_SETTLED_PX = 0.1
+#: Side, in pixels of the matching level, of the window over which local sharpness is compared.
+SHARPNESS_WINDOW = 15
+#: Candidate radii, in pixels of the matching level, of the disc that blurs the sharper source.
+DEFOCUS_RADII = tuple(0.5 * k for k in range(1, 17))
+#: Pixels within (twice the blur radius + this) of a boundary between "reference sharper" and
+#: "moving sharper" are left out of the matched ECC.
+BOUNDARY_MARGIN = 5
+#: A matched round after the first may move an image corner by at most this many full-resolution
+#: pixels (the first as much as a plain refinement, MAX_REFINEMENT_PX per pixel of the level the
+#: estimate came from); more means it went astray, and the rounds end there.
+MAX_MATCH_STEP_PX = 1.0
+#: The matched rounds run on the finest pyramid level whose long side is at most this many pixels
+#: (full resolution up to that size; a 12-megapixel pair is matched at half resolution).
+MATCH_SIDE = 2048
 
 
 class AlignmentError(ValueError):
@@ -220,13 +248,12 @@ def texture_fraction(lum: np.ndarray) -> float:
     return float((gx * gx + gy * gy >= TEXTURE_GRADIENT ** 2).mean())
 
 
-def _ecc(template, moving, matrix, model, iterations, name):
+def _ecc(template, moving, matrix, model, iterations, name, mask=None, blur=ECC_BLUR):
     motion = _ECC_MOTION[model]
     warp = (matrix if motion == cv2.MOTION_HOMOGRAPHY else matrix[:2]).astype(np.float32)
     criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, iterations, ECC_EPS)
     try:
-        rho, warp = cv2.findTransformECC(template, moving, warp, motion, criteria, None,
-                                         ECC_BLUR)
+        rho, warp = cv2.findTransformECC(template, moving, warp, motion, criteria, mask, blur)
     except cv2.error as e:
         raise AlignmentError(name, "the registration (ECC) did not converge: the images do not "
                                    "match well enough") from e
@@ -246,10 +273,173 @@ def _initial_shift(template: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return m
 
 
+# ------------------------------------------------------------------------ defocus matching
+# Two sources focused differently differ in sharpness, and ECC's correlation is not neutral to
+# that: near a boundary between a region where the reference is sharper and one where the moving
+# source is, and wherever the sharp detail of one source faces a blurred version in the other, the
+# correlation is maximised slightly off the true transform (a bias of up to a few tenths of a pixel
+# at the image corners, measured in docs/fusing.md). The last estimation step therefore makes the
+# sources look alike first: the locally sharper one is blurred by the disc (a defocus blur) that
+# best matches the other, and the pixels near boundaries between the two cases are left out.
+
+def disc_kernel(radius: float) -> np.ndarray:
+    """(2n+1, 2n+1) float32 kernel summing to 1, n = ceil(radius): a uniform disc of ``radius``
+    pixels (the blur of a defocused lens), its edge anti-aliased by sampling each pixel on an 8x8
+    grid."""
+    n = max(1, math.ceil(radius))
+    sub = (np.arange(8) + 0.5) / 8 - 0.5
+    y, x = np.mgrid[-n:n + 1, -n:n + 1]
+    inside = ((x[:, :, None, None] + sub[None, None, None, :]) ** 2
+              + (y[:, :, None, None] + sub[None, None, :, None]) ** 2 <= radius ** 2)
+    k = inside.mean(axis=(2, 3))
+    return (k / k.sum()).astype(np.float32)
+
+
+def defocus(lum: np.ndarray, radius: float) -> np.ndarray:
+    """(H, W) float32 ``lum`` blurred by :func:`disc_kernel` (``radius`` 0: unchanged)."""
+    if radius <= 0:
+        return lum
+    return cv2.filter2D(lum, -1, disc_kernel(radius), borderType=cv2.BORDER_REFLECT)
+
+
+def local_sharpness(lum: np.ndarray, window: int = SHARPNESS_WINDOW) -> np.ndarray:
+    """(H, W) float32 local detail energy of an (H, W) float32 luminance: the mean, over a
+    ``window`` x ``window`` box, of the squared difference from its Gaussian blur (sigma 1 px)."""
+    detail = lum - cv2.GaussianBlur(lum, (0, 0), 1.0)
+    return cv2.blur(detail * detail, (window, window))
+
+
+def defocus_radii(reference: np.ndarray, moving: np.ndarray, sharper: np.ndarray,
+                  valid: np.ndarray, radii: Sequence[float] = DEFOCUS_RADII
+                  ) -> tuple[float, float]:
+    """How much to blur each source so that it looks like the other where it is the sharper one.
+
+    ``reference``, ``moving``: (H, W) float32 luminances on one grid (the moving source already
+    warped); ``sharper``: (H, W) bool, True where the reference is the sharper; ``valid``: (H, W)
+    bool, the pixels to compare. Returns ``(radius for the reference, radius for moving)``: for
+    the valid pixels where that source is the sharper, the radius among 0 (no blur) and ``radii``
+    whose :func:`defocus` of it differs least (mean squared) from the other source.
+    """
+    out = []
+    for where, sharp, other in ((sharper & valid, reference, moving),
+                                (~sharper & valid, moving, reference)):
+        best = (float(np.mean((sharp[where] - other[where]) ** 2)) if where.any() else 0.0, 0.0)
+        if where.mean() >= 0.001:
+            for r in radii:
+                err = float(np.mean((defocus(sharp, r)[where] - other[where]) ** 2))
+                best = min(best, (err, r))
+        out.append(best[1])
+    return out[0], out[1]
+
+
+def match_defocus(reference: np.ndarray, moving: np.ndarray, sharper: np.ndarray,
+                  radii: tuple[float, float], margin: float = BOUNDARY_MARGIN
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two sources made alike for registration.
+
+    ``reference``, ``moving``: (H, W) float32 on one grid; ``sharper``: (H, W) bool, True where the
+    reference is the sharper; ``radii``: disc radii (reference, moving) from
+    :func:`defocus_radii`. Returns ``(reference', moving', keep)``: each source blurred where it
+    is the sharper, and an (H, W) bool mask that is False within ``2 * max(radii) + margin``
+    pixels of a boundary between the two cases (there the blurs do not match).
+    """
+    ref = np.where(sharper, defocus(reference, radii[0]), reference)
+    mov = np.where(sharper, moving, defocus(moving, radii[1]))
+    reach = math.ceil(2 * max(radii) + margin)
+    disc = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * reach + 1, 2 * reach + 1))
+    near_ref = cv2.dilate(sharper.astype(np.uint8), disc) > 0
+    near_mov = cv2.dilate((~sharper).astype(np.uint8), disc) > 0
+    return ref.astype(np.float32), mov.astype(np.float32), ~(near_ref & near_mov)
+
+
+def _resample(lum: np.ndarray, matrix: np.ndarray, flags: int, border: int,
+              value: float = 0) -> np.ndarray:
+    height, width = lum.shape
+    flags |= cv2.WARP_INVERSE_MAP
+    if np.allclose(matrix[2], (0, 0, 1)):
+        return cv2.warpAffine(lum, matrix[:2], (width, height), flags=flags, borderMode=border,
+                              borderValue=value)
+    return cv2.warpPerspective(lum, matrix, (width, height), flags=flags, borderMode=border,
+                               borderValue=value)
+
+
+def refine_matched(reference: list[np.ndarray], moving: list[np.ndarray], matrix: np.ndarray,
+                   model: str, name: str = "source", first_step: float = MAX_MATCH_STEP_PX
+                   ) -> np.ndarray | None:
+    """The last estimation step: rounds of warping the moving source onto the reference grid with
+    the current ``matrix`` (Lanczos), making the two alike (:func:`match_defocus`) and composing
+    the residual transform ECC finds between them, until a round moves no corner by
+    :data:`MATCH_TOLERANCE_PX` or more (converged), for at most :data:`MATCH_ROUNDS` rounds.
+
+    ``reference``, ``moving``: pyramids (:func:`pyramid`, full resolution first) of the two
+    luminances; ``matrix``: (3, 3) current full-resolution estimate. The rounds run on the first
+    level whose long side is at most :data:`MATCH_SIDE` px (full resolution up to that size);
+    which source is sharper (every round) and the blur radii (first round) are decided on the first
+    level whose long side is at most :data:`REDUCED_SIDE` px and scaled up. The rounds also end
+    when one fails (too few pixels left to compare, ECC gives up) or would move a corner by more
+    than ``first_step`` (first round) or :data:`MAX_MATCH_STEP_PX` (later rounds) full-resolution
+    pixels. Returns the (3, 3) full-resolution estimate when the last accepted round moved no
+    corner by :data:`MATCH_SETTLED_PX` or more (it was settling), else None (the caller then falls
+    back to the plain ECC).
+    """
+    work = next((lv for lv, im in enumerate(reference) if max(im.shape) <= MATCH_SIDE),
+                len(reference) - 1)
+    decide = max(work, next((lv for lv, im in enumerate(reference)
+                             if max(im.shape) <= REDUCED_SIDE), len(reference) - 1))
+    full, mov = reference[work], moving[work]
+    height, width = full.shape
+    scale = 2 ** (decide - work)
+    corners = _corners(height, width)
+    matrix = _rescale(matrix, 2.0 ** -work)
+    radii = None
+    limit = first_step / 2 ** work
+    last = math.inf  # corner step of the last accepted round
+    for _ in range(MATCH_ROUNDS):
+        warped = _resample(mov, matrix, cv2.INTER_LANCZOS4, cv2.BORDER_REFLECT)
+        inside = _resample(np.full((height, width), 255, np.uint8), matrix, cv2.INTER_LINEAR,
+                           cv2.BORDER_CONSTANT) == 255
+        small = warped
+        for _ in range(decide - work):
+            small = cv2.pyrDown(small)
+        small_ref = reference[decide]
+        small_valid = cv2.resize(inside.astype(np.uint8), small.shape[::-1],
+                                 interpolation=cv2.INTER_NEAREST) > 0
+        sharper = local_sharpness(small_ref) > local_sharpness(small)
+        if radii is None:
+            radii = defocus_radii(small_ref, small, sharper, small_valid)
+        if scale > 1:
+            sharper = cv2.resize(sharper.astype(np.uint8), (width, height),
+                                 interpolation=cv2.INTER_NEAREST) > 0
+        ref2, mov2, keep = match_defocus(full, warped, sharper,
+                                         (radii[0] * scale, radii[1] * scale),
+                                         BOUNDARY_MARGIN * scale)
+        # Not within 8 px of the warped source's edge (Lanczos reaches 4 px into the reflected
+        # border), and at least 5 % of the image left to compare.
+        keep &= cv2.erode(inside.astype(np.uint8), np.ones((17, 17), np.uint8)) > 0
+        if keep.mean() < 0.05:
+            break
+        try:
+            _, residual = _ecc(ref2, mov2, np.eye(3), model, ITERATIONS[2], name,
+                               keep.astype(np.uint8), 1)
+        except AlignmentError:
+            break
+        new = matrix @ residual
+        new /= new[2, 2]
+        step = np.linalg.norm(_map(new, corners) - _map(matrix, corners), axis=1).max()
+        if step > limit:
+            break
+        matrix, last = new, step
+        limit = MAX_MATCH_STEP_PX / 2 ** work
+        if step < MATCH_TOLERANCE_PX / 2 ** work:
+            break
+    return _rescale(matrix, 2.0 ** work) if last < MATCH_SETTLED_PX / 2 ** work else None
+
+
 def estimate_pyramids(reference: list[np.ndarray], moving: list[np.ndarray], model: str,
                       name: str, max_motion: float = MAX_MOTION,
-                      min_correlation: float = MIN_CORRELATION) -> Alignment:
-    """:func:`estimate` on pyramids already built by :func:`pyramid` (the same number of levels)."""
+                      min_correlation: float = MIN_CORRELATION, match: bool = True) -> Alignment:
+    """:func:`estimate` on pyramids already built by :func:`pyramid` (the same number of levels).
+    ``match``: end with :func:`refine_matched` (False: plain ECC at full resolution only)."""
     if model not in MODELS:
         raise ValueError(f"unknown alignment model {model!r} (use one of {', '.join(MODELS)})")
     height, width = reference[0].shape
@@ -283,12 +473,20 @@ def estimate_pyramids(reference: list[np.ndarray], moving: list[np.ndarray], mod
         raise AlignmentError(name, why)
     # Levels between REDUCED_SIDE and full resolution are skipped: the estimate at REDUCED_SIDE is
     # already within a fraction of a full-resolution pixel, and each level costs a full ECC setup.
+    # With ``match`` the defocus-matched rounds replace the plain ECC at full resolution; the plain
+    # ECC remains the fallback when no matched round succeeds.
     levels = [lv for lv in range(top - 1, 0, -1) if max(reference[lv].shape) <= REDUCED_SIDE]
     if top > 0:
         levels.append(0)
     current = top
     for level in levels:
         factor = 2.0 ** (current - level)
+        if level == 0 and match:
+            refined = refine_matched(reference, moving, _rescale(matrix, 2.0 ** current), model,
+                                     name, MAX_REFINEMENT_PX * factor)
+            if refined is not None:
+                matrix, current = refined, 0
+                break
         previous = _rescale(matrix, factor)
         current = level
         _, matrix = _ecc(reference[level], moving[level], previous, model,
@@ -299,6 +497,9 @@ def estimate_pyramids(reference: list[np.ndarray], moving: list[np.ndarray], mod
             raise AlignmentError(name, f"the registration (ECC) did not converge: refining at "
                                        f"{reference[level].shape[1]}x{reference[level].shape[0]}"
                                        f" moved a corner by {step:.1f} px")
+    if top == 0 and match:
+        refined = refine_matched(reference, moving, matrix, model, name, MAX_REFINEMENT_PX)
+        matrix = matrix if refined is None else refined
     why = check_range(matrix, height, width, max_motion)
     if why is not None:
         raise AlignmentError(name, why)
@@ -307,7 +508,7 @@ def estimate_pyramids(reference: list[np.ndarray], moving: list[np.ndarray], mod
 
 def estimate(reference: np.ndarray, moving: np.ndarray, model: str = "similarity", *,
              name: str = "source", max_motion: float = MAX_MOTION,
-             min_correlation: float = MIN_CORRELATION) -> Alignment:
+             min_correlation: float = MIN_CORRELATION, match: bool = True) -> Alignment:
     """The transform that maps the reference grid onto ``moving`` (see the module docstring).
 
     Args:
@@ -317,6 +518,8 @@ def estimate(reference: np.ndarray, moving: np.ndarray, model: str = "similarity
         name: how messages call ``moving``.
         max_motion: largest accepted corner motion, as a fraction of the image diagonal.
         min_correlation: smallest accepted ECC correlation at the coarsest level.
+        match: end with the defocus-matched refinement (:func:`refine_matched`); False gives the
+            plain ECC estimate (for comparison).
 
     Raises:
         AlignmentError: too little texture, no convergence, out of range, no match.
@@ -327,7 +530,7 @@ def estimate(reference: np.ndarray, moving: np.ndarray, model: str = "similarity
                          f"{np.shape(moving)[0]} differs from the reference's "
                          f"{np.shape(reference)[1]}x{np.shape(reference)[0]}")
     return estimate_pyramids(pyramid(luminance(reference)), pyramid(luminance(moving)), model,
-                             name, max_motion, min_correlation)
+                             name, max_motion, min_correlation, match)
 
 
 def estimate_stack(images: Sequence[np.ndarray], model: str = "similarity", *,

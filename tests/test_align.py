@@ -83,6 +83,55 @@ def test_sixteen_bit_pair_and_exposure_change():
     assert al.corner_error(found.matrix, truth, H, W) < 0.3
 
 
+def edges_scene(seed: int) -> np.ndarray:
+    """:func:`scene` at half contrast with 40 solid rectangles on it (strong, sparse edges)."""
+    out = scene(seed) * 0.5 + 0.25
+    rng = np.random.default_rng(seed + 10)
+    for _ in range(40):
+        x, y = rng.integers(0, W - 40), rng.integers(0, H - 40)
+        w, h = rng.integers(8, 60, 2)
+        colour = [float(v) for v in rng.uniform(0, 1, 3)]
+        cv2.rectangle(out, (int(x), int(y)), (int(x + w), int(y + h)), colour, -1)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_defocus_matching_removes_the_focus_bias(seed):
+    # As in a depth-of-field pair: the first source is sharp except in a small region near the
+    # top, which is the only sharp part of the second source; the blur is a disc of radius 5.
+    truth = similarity(1.02, 0.8, 7.5, -5.0)
+    s = edges_scene(seed)
+    blurred = cv2.filter2D(s, -1, al.disc_kernel(5.0), borderType=cv2.BORDER_REFLECT)
+    region = np.zeros((H, W, 1), bool)
+    region[: int(0.3 * H), int(0.3 * W): int(0.6 * W)] = True
+    a = to_dtype(np.where(region, blurred, s), np.uint8)
+    b = moved(to_dtype(np.where(region, s, blurred), np.uint8), truth)
+    plain = al.estimate(a, b, match=False)
+    found = al.estimate(a, b)
+    assert al.corner_error(plain.matrix, truth, H, W) > 0.06
+    assert al.corner_error(found.matrix, truth, H, W) < 0.03
+
+
+def test_disc_kernel_and_defocus_radii():
+    k = al.disc_kernel(3.0)
+    assert k.shape == (7, 7) and k.sum() == pytest.approx(1.0)
+    assert k[3, 3] == pytest.approx(k.max()) and k[0, 0] == 0
+    lum = al.luminance(scene(3))
+    sharper = np.zeros(lum.shape, bool)
+    sharper[:, : W // 2] = True  # the reference is sharp on the left, the other on the right
+    blurred = al.defocus(lum, 3.0)
+    reference = np.where(sharper, lum, blurred)
+    other = np.where(sharper, blurred, lum)
+    valid = np.ones(lum.shape, bool)
+    assert al.defocus_radii(reference, other, sharper, valid) == (3.0, 3.0)
+    ref2, other2, keep = al.match_defocus(reference, other, sharper, (3.0, 3.0), margin=5)
+    # Alike away from the boundary between the halves, which is left out (2 * 3 + 5 px each side).
+    assert not keep[:, W // 2 - 11: W // 2 + 11].any() and keep[:, : W // 2 - 11].all()
+    inner = keep.copy()
+    inner[:8], inner[-8:], inner[:, :8], inner[:, -8:] = False, False, False, False
+    assert np.abs(ref2 - other2)[inner].max() < 1e-5
+
+
 def test_recovers_affine_and_homography():
     truth = similarity(1.01, 0.5, 3.0, 2.0)
     truth[:2, :2] = truth[:2, :2] @ np.array([[1.01, 0.008], [0.0, 0.995]])

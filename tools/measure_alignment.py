@@ -6,7 +6,8 @@ different depths): B is moved by a known random similarity (scale 0.97-1.03, rot
 
 - ``accuracy``: the transform :func:`msidtrans_fast.align.estimate` recovers, as the RMS distance
   over the four image corners from the true one; with ``--gain`` B's exposure is changed too
-  (gain and offset drawn within the given fraction);
+  (gain and offset drawn within the given fraction); ``--no-match`` gives the plain ECC estimate
+  (without the defocus-matched refinement) for comparison;
 - ``resample``: PSNR of B moved and warped back with the true transform, against B, per
   interpolator (what resampling alone costs);
 - ``fuse``: PSNR and SSIM against the ground truth of the pair fused with the bundled weights when
@@ -119,7 +120,7 @@ def run_pairs(args) -> dict:
         row = {"name": name}
         start = time.perf_counter()
         try:
-            found = al.estimate(a, b_moved, args.model, name=name)
+            found = al.estimate(a, b_moved, args.model, name=name, match=not args.no_match)
         except al.AlignmentError as e:
             row.update(error=str(e))
             rows.append(row)
@@ -146,8 +147,10 @@ def run_pairs(args) -> dict:
             for interp in args.interpolations:
                 fused[f"true transform ({interp})"] = fuse_warped(decider, a, b_moved, truth,
                                                                   interp)
-            fused["aligned"] = fuse_sources([a, b_moved], decider, options,
-                                            names=["A", name]).image
+            fused["aligned"] = (fuse_warped(decider, a, b_moved, found.matrix, "lanczos")
+                                if args.no_match else
+                                fuse_sources([a, b_moved], decider, options,
+                                             names=["A", name]).image)
             fused = {k: v[..., None] if v.ndim == 2 else v for k, v in fused.items()}
             ref = gt[rows_, cols_]
             for what, f in fused.items():
@@ -195,7 +198,7 @@ def run_timing(args) -> dict:
         b = moved(big, truth)
         for model in args.models:
             wall, cpu = time.perf_counter(), time.process_time()
-            found = al.estimate(a, b, model)
+            found = al.estimate(a, b, model, match=not args.no_match)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             out[f"{mp} MP {model} estimate"] = {
                 "wall_s": wall, "cpu_s": cpu,
@@ -226,6 +229,11 @@ def main(argv=None) -> int:
     p.add_argument("--gain", type=float, default=0.0,
                    help="change the moved source's exposure: gain within 1 +- GAIN and offset "
                         "within +- GAIN/4 of the range")
+    p.add_argument("--no-match", action="store_true",
+                   help="estimate without the defocus-matched refinement (the plain ECC estimate, "
+                        "also with --timing, "
+                        "for comparison); the aligned fusion then warps with that estimate as the "
+                        "pipeline does")
     p.add_argument("--margin", type=int, default=8)
     p.add_argument("--size", type=int, default=0,
                    help="cut the triplets to their centre SIZE x SIZE first (network run time)")
