@@ -7,8 +7,8 @@ Cases (batch 1, square sides 520 and 1024, the machine's default intra-op thread
 
 * ``forward``: ``original`` (the original network's costs, ``baselines.original_emulation``:
   materialised attention, PyWavelets round trip per Haar split; fp32, contiguous), and ours in
-  ``fp32``, ``bf16`` and the ``auto`` dtype (``weights.auto_dtype("cpu")``; skipped as the case
-  it equals), weights in the CPU layout of ``weights.load_model``. ``original`` is skipped at
+  ``fp32``, ``mixed``, ``bf16`` and the ``auto`` precision (``weights.auto_precision("cpu")``;
+  skipped as the case it equals), weights in the CPU layout of ``weights.load_model``. ``original`` is skipped at
   1024x1024, where its attention matrices alone need 25.8 GB.
 * ``fuse``: ``msidtrans_fast.fuse`` of one pair of uint8 RGB arrays end to end, model cached,
   ``dtype="float32"`` and ``"auto"`` (skipped where auto is float32).
@@ -38,16 +38,16 @@ ROUNDS = {520: 3, 1024: 1}
 
 def _info(benchmark, size, mode):
     benchmark.extra_info.update({"size": size, "mode": mode, "threads": torch.get_num_threads(),
-                                 "auto_dtype": str(weights.auto_dtype("cpu")),
+                                 "auto_precision": weights.auto_precision("cpu"),
                                  "torch": torch.__version__, **cpu_description()})
 
 
 def _auto_mode() -> str:
-    return "bf16" if weights.auto_dtype("cpu") == torch.bfloat16 else "fp32"
+    return {"bfloat16": "bf16", "mixed": "mixed"}.get(weights.auto_precision("cpu"), "fp32")
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("mode", ["original", "fp32", "bf16", "auto"])
+@pytest.mark.parametrize("mode", ["original", "fp32", "mixed", "bf16", "auto"])
 def test_cpu_forward(benchmark, size, mode):
     if mode == "original":
         need = materialized_attention_bytes(size, size)

@@ -14,10 +14,12 @@ Modes:
 
 * ``original``: the original network's costs (``baselines.original_emulation``: every attention
   matrix materialised, every Haar split through numpy and PyWavelets), fp32, contiguous layout.
-* ``fp32``, ``bf16``: our eval forward (reference backend), weights in ``channels_last`` as
-  ``weights.load_model`` puts them on the CPU.
+* ``fp32``, ``mixed``, ``bf16``: our eval forward (reference backend), weights in
+  ``channels_last`` as ``weights.load_model`` puts them on the CPU; ``mixed`` is the float32
+  model under ``precision.bf16_products``.
 * ``fuse-fp32``, ``fuse-auto``: ``msidtrans_fast.fuse`` of one pair of uint8 RGB arrays
-  end to end (model cached), with ``dtype="float32"`` and the default ``"auto"``.
+  end to end (model cached, its CPU forwards in reused blocks), with ``dtype="float32"`` and the
+  default ``"auto"`` (``mixed`` on a CPU with native bf16).
 
 The network runs on a seeded untrained model (the time does not depend on the weights), ``fuse``
 on the bundled weights. Prints one JSON line: size, threads, CPU and flags, and per mode the
@@ -39,12 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msidtrans_fast import MSIDTrans, pipeline, weights
+from msidtrans_fast import MSIDTrans, pipeline, precision, weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import original_emulation  # noqa: E402
 
-MODES = ("original", "fp32", "bf16", "fuse-fp32", "fuse-auto")
+MODES = ("original", "fp32", "mixed", "bf16", "fuse-fp32", "fuse-auto")
 
 
 def cpu_description() -> dict:
@@ -102,9 +104,10 @@ def make_runner(mode: str, size: int):
         dtype = torch.bfloat16 if mode == "bf16" else torch.float32
         model = model.to(dtype=dtype, memory_format=weights.preferred_memory_format("cpu"))
         A, B = A.to(dtype), B.to(dtype)
+    products = torch.bfloat16 if mode == "mixed" else None
 
     def forward():
-        with torch.inference_mode():
+        with torch.inference_mode(), precision.products_context(products):
             return model(A, B)
     return forward
 

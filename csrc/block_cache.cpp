@@ -1,13 +1,13 @@
 // The CPU block cache (see block_cache.h).
 //
 // While a scope is open, the process's CPU allocator is this one: requests of at least
-// kMinBlock bytes get a page-aligned mapped block, preferably an idle one of the same size (or up
-// to half as large again); smaller ones come from c10::alloc_cpu and go back to c10::free_cpu, as with the
-// default allocator (whose blocks this deleter may also be handed: raw_deallocate looks the
-// deleter up when it frees). A freed block stays idle in the
-// cache as long as the blocks held (idle and in use) do not exceed the most ever in use at once,
-// so the process never holds more than a run without the cache would at its peak; a request the
-// idle blocks cannot serve first frees idle blocks to stay within that. Idle blocks stay across
+// kMinBlock bytes get a page-aligned mapped block, preferably an idle one of the same size (or
+// up to half as large again); smaller ones come from c10::alloc_cpu and go back to
+// c10::free_cpu, as with the default allocator (whose blocks this deleter may also be handed:
+// raw_deallocate looks the deleter up when it frees). A freed block stays idle in the cache as
+// long as the blocks held (idle and in use) do not exceed the most ever in use at once, so the
+// process never holds more than a run without the cache would at its peak; a request the idle
+// blocks cannot serve first frees idle blocks to stay within that. Idle blocks stay across
 // scopes (the next forward reuses them) until block_cache_release.
 #include "block_cache.h"
 
