@@ -8,8 +8,8 @@ Cases (batch 1, square sides 520 and 1024, the machine's default intra-op thread
 * ``forward``: ``original`` (the original network's costs, ``baselines.original_emulation``:
   materialised attention, PyWavelets round trip per Haar split; fp32, contiguous), and ours in
   ``fp32``, ``mixed``, ``bf16`` and the ``auto`` precision (``weights.auto_precision("cpu")``;
-  skipped as the case it equals), weights in the CPU layout of ``weights.load_model``. ``original`` is skipped at
-  1024x1024, where its attention matrices alone need 25.8 GB.
+  skipped as the case it equals), weights in the CPU layout of ``weights.load_model``.
+  ``original`` is skipped at 1024x1024, where its attention matrices alone need 25.8 GB.
 * ``fuse``: ``msidtrans_fast.fuse`` of one pair of uint8 RGB arrays end to end, model cached,
   ``dtype="float32"`` and ``"auto"`` (skipped where auto is float32).
 

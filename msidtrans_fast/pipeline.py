@@ -47,8 +47,8 @@ import numbers
 import os
 import threading
 import warnings
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -91,7 +91,8 @@ def get_model(weights: str | os.PathLike | None = None, device: str | torch.devi
 
 def clear_model_cache() -> None:
     """Forgets the models cached by :func:`get_model` and frees their memory, and the idle
-    activation blocks CPU forwards keep for the next call (:func:`msidtrans_fast.ops.reuse_cpu_blocks`)."""
+    activation blocks CPU forwards keep for the next call
+    (:func:`msidtrans_fast.ops.reuse_cpu_blocks`)."""
     with _MODEL_LOCK:
         _MODEL_CACHE.clear()
     _ops.release_cpu_blocks()

@@ -61,8 +61,8 @@ class _BF16Products(TorchFunctionMode):
 @contextlib.contextmanager
 def bf16_products() -> Iterator[None]:
     """Within this context, the float32 convolutions :func:`worth_bf16` picks compute in
-    bfloat16 (results float32); see the module's docstring. Thread-local: enter it in the thread that runs the
-    model."""
+    bfloat16 (results float32); see the module's docstring. Thread-local: enter it in the thread
+    that runs the model."""
     with _BF16Products():
         yield
 

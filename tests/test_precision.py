@@ -1,13 +1,12 @@
-"""The ``mixed`` precision: float32 activations, bfloat16 convolution and attention products."""
+"""The ``mixed`` precision: float32 activations, bfloat16 products of the heavy convolutions."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fuse_api import smooth_image
 
 from msidtrans_fast import MSIDTrans, fuse, pipeline, precision, tiling, weights
-
-from test_fuse_api import smooth_image
 
 
 def low(t):
