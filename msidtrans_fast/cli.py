@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. --device cpu")
     p.add_argument("--dtype", default="auto",
                    help="compute precision: auto (default: mixed on a CPU with native bfloat16, "
-                        "else float32), float32 (exact), mixed (float32 with the convolution and "
-                        "attention products in bfloat16), bfloat16, or float16 (CUDA only); "
+                        "else float32), float32 (exact), mixed (float32 with the heavy "
+                        "convolutions computed in bfloat16), bfloat16, or float16 (CUDA only); "
                         "e.g. --dtype float32")
     p.add_argument("--tile", default="auto", metavar="auto|off|N",
                    help="how the decision map is computed: auto (default: the whole image at once "

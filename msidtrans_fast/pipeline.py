@@ -109,8 +109,8 @@ class FuseOptions:
         dtype: compute precision of the network: "auto" (the default, None: "mixed" on a CPU
             with native bf16, else float32; see :func:`msidtrans_fast.weights.auto_precision`;
             with a given model: its dtype, and for a float32 model the products "auto" picks),
-            "float32" (exact), "mixed" (float32 with the
-            convolution and attention products in bfloat16, :mod:`msidtrans_fast.precision`),
+            "float32" (exact), "mixed" (float32 with the heavy convolutions computed in
+            bfloat16, :mod:`msidtrans_fast.precision`),
             "bfloat16", "float16" (CUDA only), or a ``torch.dtype``.
         threshold: consistency-check fraction of H * W in [0, 1); 0 disables the check.
         decision_rule: how the binarise stage turns D into source choices, a name of

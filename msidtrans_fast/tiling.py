@@ -252,7 +252,7 @@ def tiled_decision_map(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, *,
             them (:func:`cpu_workers`, the default on the CPU; 1 on a GPU). Whatever the workers,
             the tiles' maps are added into D in one fixed order, so D does not depend on timing.
         progress: called with the number of tiles finished after each network call.
-        products: dtype of the convolution and attention products when it differs from the
+        products: dtype of the heavy convolutions' products when it differs from the
             model's (:func:`msidtrans_fast.precision.products_context`), else None.
 
     Returns:

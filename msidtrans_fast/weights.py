@@ -30,8 +30,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 #: dtype names accepted by :func:`resolve_precision` and the command line ("auto":
-#: :func:`auto_precision`). ``"mixed"``: float32 weights and activations, convolution and attention
-#: products in bfloat16 (:mod:`msidtrans_fast.precision`).
+#: :func:`auto_precision`). ``"mixed"``: float32 weights and activations, the heavy convolutions
+#: computed in bfloat16 (:mod:`msidtrans_fast.precision`).
 AUTO_DTYPE = "auto"
 MIXED = "mixed"
 DTYPE_NAMES = (AUTO_DTYPE, "float32", MIXED, "float16", "bfloat16")
@@ -149,7 +149,7 @@ def resolve_precision(dtype: str | torch.dtype | None,
 
 def products_dtype(dtype: str | torch.dtype | None,
                    device: str | torch.device | None = None) -> torch.dtype | None:
-    """The dtype the convolution and attention products compute in when it differs from the
+    """The dtype the heavy convolutions' products compute in when it differs from the
     weights' (bfloat16 for ``"mixed"``), else None."""
     return torch.bfloat16 if resolve_precision(dtype, device) == MIXED else None
 
