@@ -51,14 +51,13 @@ def _capture_module_outputs(model, A, B, q_perms):
         D = model(A, B, q_perms=q_perms)
     for h in handles:
         h.remove()
-    # In eval mode Encoder1 runs A and B as one batch of two: split it back into two calls.
-    # The forward drops Encoder1's unused third output early; a direct call still returns it.
-    low, high, pre = captured.pop("Encoder1")
-    assert pre is None
+    # Encoder1 runs A, then B; the forward drops its unused third output early, a direct call
+    # still returns it.
     with torch.no_grad():
-        pre = model.Encoder1(torch.cat([A, B]))[2]
-    captured["Encoder1"] = (low[:1], high[:1], pre[:1])
-    captured["Encoder1#2"] = (low[1:], high[1:], pre[1:])
+        for name, x in (("Encoder1", A), ("Encoder1#2", B)):
+            low, high, pre = captured[name]
+            assert pre is None
+            captured[name] = (low, high, model.Encoder1(x)[2])
     return D, captured
 
 

@@ -165,7 +165,7 @@ def test_model_calls_the_compiled_split_on_the_cpu_under_auto(monkeypatch):
     a = torch.rand(1, 3, 20, 24) * 2 - 1
     with torch.no_grad():
         model(a, a)
-    assert len(calls) == 5  # Encoder1 (A and B as one batch) and the four encoder trunks
+    assert len(calls) == 6  # Encoder1 on A and on B, and the four encoder trunks
     calls.clear()
     with ops.pytorch_fallback(), torch.no_grad():
         model(a, a)

@@ -111,7 +111,7 @@ def test_model_uses_the_kernel_only_without_autograd(kernel_calls):
     a = torch.rand(1, 3, 12, 10) * 2 - 1
     with torch.no_grad():
         model(a, a)
-    assert len(kernel_calls) == 34  # every Mish of an eval forward
+    assert len(kernel_calls) == 41  # every Mish of an eval forward (Encoder1 runs twice)
     kernel_calls.clear()
     model(a, a)
     assert kernel_calls == []
