@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .precision import products_context
 
 try:
     from . import _C  # type: ignore[attr-defined]
@@ -382,7 +383,7 @@ def reuse_cpu_blocks() -> Iterator[None]:
     forward). The cache never holds more than the most its scopes ever had in use at once; its
     idle blocks stay for the next scope until :func:`release_cpu_blocks`. Process-wide while
     open (the CPU allocator is process-wide); a no-op without the compiled extension."""
-    if _C is None or not hasattr(_C, "block_cache_enter"):
+    if _C is None:
         yield
         return
     _C.block_cache_enter()
@@ -394,13 +395,23 @@ def reuse_cpu_blocks() -> Iterator[None]:
 
 def release_cpu_blocks() -> None:
     """Frees the idle blocks :func:`reuse_cpu_blocks` keeps between scopes."""
-    if _C is not None and hasattr(_C, "block_cache_release"):
+    if _C is not None:
         _C.block_cache_release()
 
 
 def block_cache_stats() -> dict[str, int]:
     """Counters of :func:`reuse_cpu_blocks`: hits, misses, idle and held bytes, open scopes."""
-    if _C is None or not hasattr(_C, "block_cache_stats"):
+    if _C is None:
         return {}
     return dict(zip(("hits", "misses", "idle_bytes", "held_bytes", "scopes"),
                     _C.block_cache_stats(), strict=True))
+
+
+@contextlib.contextmanager
+def network_call(device: torch.device, products: torch.dtype | None) -> Iterator[None]:
+    """How the decision stage runs the network: inference mode, ``products`` as in
+    :func:`msidtrans_fast.precision.products_context`, and on the CPU the activations in reused
+    blocks (:func:`reuse_cpu_blocks`)."""
+    with torch.inference_mode(), products_context(products), \
+            reuse_cpu_blocks() if device.type == "cpu" else contextlib.nullcontext():
+        yield

@@ -48,7 +48,6 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -62,7 +61,6 @@ from . import ops as _ops
 from . import tiling as _tiling
 from . import weights as _weights
 from .model import MSIDTrans
-from .precision import products_context
 
 #: Binarisation level of the soft decision map (stage 3).
 BINARY_LEVEL = 0.5
@@ -277,9 +275,8 @@ class WholeImageDecider:
     """The network on the whole image at once: ``model(A, B)`` at full resolution, batch 1.
 
     The model runs in eval mode (its train/eval mode is restored after each call) on its own
-    device and dtype, with ``products`` as in :func:`msidtrans_fast.precision.products_context`
-    and, on the CPU, its activations in reused blocks (:func:`msidtrans_fast.ops.reuse_cpu_blocks`);
-    D comes back as float32 on that device.
+    device and dtype, within :func:`msidtrans_fast.ops.network_call` (``products``, reused CPU
+    blocks); D comes back as float32 on that device.
     """
 
     def __init__(self, model: torch.nn.Module, products: torch.dtype | None = None):
@@ -293,8 +290,7 @@ class WholeImageDecider:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), products_context(self.products), \
-                    _ops.reuse_cpu_blocks() if self.device.type == "cpu" else nullcontext():
+            with _ops.network_call(self.device, self.products):
                 # The sources were checked on the host (io.load_sources): no device sync here.
                 kwargs = {"check_finite": False} if isinstance(self.model, MSIDTrans) else {}
                 return self.model(A, B, **kwargs)[0, 0].float()

@@ -32,15 +32,13 @@ import numbers
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .model import MSIDTrans
-from .ops import reuse_cpu_blocks
-from .precision import products_context
+from .ops import network_call
 
 #: Smallest tile side accepted (pixels): below it a tile holds too little context for the
 #: network's four downsampling stages.
@@ -282,8 +280,7 @@ def tiled_decision_map(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, *,
     def run(chunk) -> np.ndarray:  # (n, tile_h, tile_w) float32
         A = tile_batch(a, chunk, grid, param.device, param.dtype)
         B = tile_batch(b, chunk, grid, param.device, param.dtype)
-        with torch.inference_mode(), products_context(products), \
-                reuse_cpu_blocks() if param.device.type == "cpu" else nullcontext():
+        with network_call(param.device, products):
             return model(A, B, **kwargs)[:, 0].float().cpu().numpy()
 
     out = np.zeros((height, width), dtype=np.float32)
